@@ -1,0 +1,18 @@
+"""nccli — measure Neural Collapse in trained networks.
+
+Python API::
+
+    from nccli import ClassStats, measure
+    st = ClassStats.from_arrays(features, labels)
+    df = measure("cache/ep200.h5")          # tidy DataFrame: source, epoch, layer, metric, value
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from nccli.errors import NCError  # noqa: E402
+from nccli.measure import measure  # noqa: E402
+from nccli.stats import ClassStats  # noqa: E402
+
+__all__ = ["ClassStats", "NCError", "__version__", "measure"]

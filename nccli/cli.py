@@ -1,0 +1,253 @@
+"""The ``nccli`` command line: thin Typer commands over the library.
+
+Each command parses its options, calls one library function and renders the result.
+Data goes to stdout; progress, notes and errors to stderr.  A user error
+(:class:`~nccli.errors.NCError`) becomes one stderr line and exit code 1 (bad data) or 2
+(bad usage); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from nccli import __version__
+from nccli.errors import NCError, UsageError
+from nccli.report import OutputFormat
+
+app = typer.Typer(
+    name="nccli",
+    help="Measure Neural Collapse in trained networks: extract → measure → compare.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class _State:
+    debug: bool = False
+    quiet: bool = False
+
+
+STATE = _State()
+
+
+def stderr_console() -> Console:
+    """Console for notes, progress and errors (never stdout)."""
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into one stderr line and an exit code."""
+    try:
+        yield
+    except NCError as exc:
+        if STATE.debug:
+            raise
+        msg = " ".join(str(exc).split())
+        typer.echo(f"nccli: error: {msg}", err=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if STATE.debug:
+            raise
+        typer.echo("nccli: interrupted", err=True)
+        raise typer.Exit(130) from None
+    except MemoryError:
+        if STATE.debug:
+            raise
+        typer.echo("nccli: error: out of memory; use smaller --chunk-rows", err=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        if STATE.debug:
+            raise
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        typer.echo(f"nccli: error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nccli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show Python tracebacks for errors.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """nccli — Neural Collapse metrics from checkpoints, caches and feature files."""
+    STATE.debug = debug
+    STATE.quiet = quiet
+
+
+def resolve_format(fmt: OutputFormat | None) -> OutputFormat:
+    """``table`` on a terminal, ``csv`` when stdout is piped."""
+    if fmt is not None:
+        return fmt
+    return OutputFormat.table if sys.stdout.isatty() else OutputFormat.csv
+
+
+def emit(
+    df, fmt: OutputFormat | None, *, as_wide: bool, output: Path | None = None, render_table=None
+) -> None:  # noqa: ANN001
+    """Write a result frame to stdout (or ``output``) in the chosen format."""
+    from nccli.report import render_measure_table, write_data
+
+    fmt = resolve_format(fmt)
+    if output is not None and str(output) != "-":
+        if fmt is OutputFormat.table:
+            fmt = OutputFormat.csv
+        tmp = output.with_name(output.name + ".partial")
+        try:
+            with open(tmp, "w", encoding="utf-8", newline="") as fh:
+                write_data(df, fmt, fh, as_wide=as_wide)
+            os.replace(tmp, output)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UsageError(f"{output}: cannot write ({exc.strerror or exc})") from None
+        return
+    if fmt is OutputFormat.table:
+        console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+        (render_table or render_measure_table)(df, console)
+    else:
+        write_data(df, fmt, sys.stdout, as_wide=as_wide)
+
+
+def print_notes(notes: list[str]) -> None:
+    """Reasons for nan values, on stderr."""
+    if STATE.quiet or not notes:
+        return
+    console = stderr_console()
+    for note in notes:
+        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+
+
+FormatOpt = Annotated[
+    OutputFormat | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="table | csv | tsv | json (default: table on a terminal, csv when piped).",
+    ),
+]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="One column per metric instead of tidy rows.")
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write data here instead of stdout.")
+]
+
+
+@app.command(rich_help_panel="Analyse")
+def measure(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="nccli caches, shard sets, directories, or .npz/.h5 feature files."),
+    ],
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            "-l",
+            help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            "-m",
+            help="Comma-separated metric names or families nc1..nc4 (default all).",
+        ),
+    ] = None,
+    per_class: Annotated[
+        bool,
+        typer.Option(
+            "--per-class", help="Add per-class rows: n_k, σ_k², ||μ_k||, ||w_k||, cosines."
+        ),
+    ] = False,
+    center: Annotated[
+        str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
+    ] = "global",
+    recompute: Annotated[
+        bool,
+        typer.Option(
+            "--recompute",
+            help="Stream the cached features again instead of using stored statistics.",
+        ),
+    ] = False,
+    num_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-classes",
+            "-k",
+            help="K for feature files without a classifier (default: max label + 1).",
+        ),
+    ] = None,
+    chunk_rows: Annotated[
+        int, typer.Option("--chunk-rows", help="Rows per chunk for streaming passes.", min=1)
+    ] = 8192,
+    fmt: FormatOpt = None,
+    as_wide: WideOpt = False,
+    output: OutOpt = None,
+) -> None:
+    """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer."""
+    from nccli.measure import measure as run_measure
+
+    with user_errors():
+        layers = [p.strip() for item in (layer or []) for p in item.split(",") if p.strip()]
+        df = run_measure(
+            [str(p) for p in paths],
+            layers=layers or None,
+            metrics=metrics,
+            per_class=per_class,
+            center=center,
+            recompute=recompute,
+            num_classes=num_classes,
+            chunk_rows=chunk_rows,
+        )
+        emit(df, fmt, as_wide=as_wide, output=output)
+        print_notes(df.attrs.get("notes", []))
+
+
+@app.command("metrics", rich_help_panel="Utils")
+def list_metrics() -> None:
+    """List every metric name, its family and formula (METRICS.md)."""
+    from rich.table import Table
+
+    from nccli.metrics import METRICS
+
+    table = Table(header_style="bold")
+    for col in ("metric", "family", "better", "formula"):
+        table.add_column(col)
+    for info in METRICS.values():
+        table.add_row(
+            info.name, info.family, "higher" if info.higher_is_better else "lower", info.formula
+        )
+    Console(no_color=bool(os.environ.get("NO_COLOR"))).print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,60 @@
+"""Helpers shared by the io readers: import strings and one-line error text."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import Any
+
+from nccli.errors import UsageError
+
+__all__ = ["IMPORT_SPEC", "import_object", "one_line"]
+
+#: ``pkg.module:attr`` or ``pkg.module:Class.attr``
+IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
+    """Exception text squeezed onto one line and cut to ``limit`` characters."""
+    text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def import_object(spec: str, *, flag: str) -> Any:
+    """Import ``module:attr`` and return the attribute.
+
+    The current directory is searched as well as ``sys.path`` (like ``python -m``), so a
+    ``models.py`` next to the data works without installing it.  ``flag`` names the
+    option in error messages (``--model``, ``--data``).
+    """
+    if not IMPORT_SPEC.match(spec):
+        raise UsageError(f"{flag} {spec!r}: expected an import string 'pkg.module:factory'")
+    mod_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        raise UsageError(
+            f"{flag} {spec!r}: cannot import {mod_name!r} ({one_line(exc)}); install it or run from "
+            "the directory that holds it"
+        ) from exc
+    except Exception as exc:
+        raise UsageError(
+            f"{flag} {spec!r}: importing {mod_name!r} failed with {type(exc).__name__}: "
+            f"{one_line(exc)}; run with --debug for the traceback"
+        ) from exc
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj

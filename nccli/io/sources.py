@@ -1,0 +1,338 @@
+"""What ``measure`` and ``compare`` read: nccli caches, shard sets, plain feature files.
+
+Every input becomes a :class:`Source` (one checkpoint's features) holding
+:class:`LayerView` s in depth order.  A layer view gives the statistics (stored, or
+recomputed by streaming the features), chunked ``(features, labels)`` batches for the NC4
+pass, and the classifier that acts on that layer — for a layer inside a deep linear head,
+the composite affine map of the linear layers above it (METRICS.md, "Deep linear heads").
+
+Plain files: ``.npz`` or ``.h5``/``.hdf5`` with arrays ``features`` (N, d), ``labels`` (N,)
+and optionally ``weight`` (K, d), ``bias`` (K,) and a scalar ``epoch``.  HDF5 features are
+streamed in chunks; ``.npz`` members cannot be read in parts, so they are loaded whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from nccli.errors import CacheError, DataError
+from nccli.io.cache import Cache, is_cache
+from nccli.stats import ClassStats
+
+_SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
+_EPOCH = re.compile(r"(?:^|[^a-z])(?:epoch|ep|e)[_=\-]?(\d+)", re.IGNORECASE)
+_STEP = re.compile(r"(?:^|[^a-z])(?:step|iter|it)[_=\-]?(\d+)", re.IGNORECASE)
+
+
+def epoch_step_from_name(name: str) -> tuple[int | None, int | None]:
+    """Parse ``ep010`` / ``epoch_10`` / ``epoch=10`` / ``step1000`` from a file name."""
+    stem = Path(name).name
+    e = _EPOCH.search(stem)
+    s = _STEP.search(stem)
+    return (int(e.group(1)) if e else None, int(s.group(1)) if s else None)
+
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class LayerView:
+    """One layer of one source, as the metrics see it."""
+
+    source: Source
+    name: str
+    dim: int
+    depth: int = 0
+    role: str = "other"
+    weight: np.ndarray | None = None  # this layer's own module (W_{l+1}), float64
+    bias: np.ndarray | None = None
+    classifier_weight: np.ndarray | None = None  # composite classifier acting on this layer
+    classifier_bias: np.ndarray | None = None
+    _stats: ClassStats | None = field(default=None, repr=False)
+
+    def stats(self, recompute: bool = False, chunk_rows: int = 8192) -> ClassStats:
+        """Stored statistics, or a fresh streaming pass over the features."""
+        if self._stats is not None and not recompute:
+            return self._stats
+        st = ClassStats(self.source.num_classes, self.dim, source=f"{self.source.path}:{self.name}")
+        for h, y in self.batches(chunk_rows):
+            st.update(h, y)
+        if not recompute:
+            self._stats = st
+        return st
+
+    def batches(self, chunk_rows: int = 8192) -> Batches:
+        """``(features, labels)`` chunks of at most ``chunk_rows`` rows."""
+        return self.source._batches(self.name, chunk_rows)
+
+
+class Source:
+    """One checkpoint's cached features: a cache, a shard set, or a plain features file."""
+
+    path: str
+    num_classes: int
+    epoch: int | None
+    step: int | None
+    layers: dict[str, LayerView]
+    attrs: dict[str, Any]
+
+    def _batches(self, layer: str, chunk_rows: int) -> Batches:
+        raise TypeError  # pragma: no cover - every subclass overrides it
+
+    def close(self) -> None:
+        """Release open files."""
+
+    @property
+    def label(self) -> str:
+        """Short name used in the ``source`` column."""
+        return Path(self.path).name
+
+
+def _compose_classifiers(views: list[LayerView], classifier: str | None) -> None:
+    """Give each layer of the linear head the composite affine map of the layers above it.
+
+    Layers are in depth order; the chain is the run of consecutive linear modules ending at
+    the classifier: ``C_l = W_{L+1} ⋯ W_{l+1}``, ``c_l = W_{L+1}⋯W_{l+2} b_{l+1} + …``.
+    """
+    chain = [v for v in views if v.role in ("penultimate", "linear", "classifier")]
+    chain = [v for v in chain if v.weight is not None]
+    if not chain:
+        return
+    if classifier is not None and chain[-1].name != classifier:
+        return
+    C: np.ndarray | None = None
+    c: np.ndarray | None = None
+    for v in reversed(chain):
+        W = v.weight
+        b = v.bias if v.bias is not None else np.zeros(W.shape[0])
+        if C is None:
+            C, c = W, b
+        else:
+            if C.shape[1] != W.shape[0]:
+                return  # not a chain after all: dimensions do not connect
+            c = C @ b + c
+            C = C @ W
+        v.classifier_weight, v.classifier_bias = C, c
+
+
+class CacheSource(Source):
+    """One nccli cache file, or the shard files of one distributed extraction."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        self.caches = [Cache(p) for p in paths]
+        first = self.caches[0]
+        self.path = (
+            str(first.path) if len(paths) == 1 else _SHARD.sub(r"\g<base>.h5", first.path.name)
+        )
+        if len(paths) > 1:
+            self.path = str(first.path.with_name(self.path))
+        self.attrs = first.attrs
+        self.num_classes = first.num_classes
+        for c in self.caches[1:]:
+            if c.num_classes != first.num_classes or list(c.layers) != list(first.layers):
+                raise CacheError(
+                    f"{c.path}: shard does not match {first.path} (classes or layers differ)"
+                )
+        name_epoch, name_step = epoch_step_from_name(self.path)
+        self.epoch = self.attrs.get("epoch", name_epoch)
+        self.step = self.attrs.get("step", name_step)
+        self.layers = {}
+        for name, info in first.layers.items():
+            wb = first.weight(name)
+            view = LayerView(
+                self,
+                name,
+                info.dim,
+                depth=info.depth,
+                role=info.role,
+                weight=None if wb is None else wb[0],
+                bias=None if wb is None else wb[1],
+            )
+            if info.has_stats:
+                st = first.stats(name)
+                for c in self.caches[1:]:
+                    st.merge(c.stats(name))
+                view._stats = st
+            self.layers[name] = view
+        _compose_classifiers(list(self.layers.values()), self.attrs.get("classifier"))
+        for c in self.caches:
+            c.labels()  # validates the label range once
+
+    def _batches(self, layer: str, chunk_rows: int) -> Batches:
+        for c in self.caches:
+            yield from c.iter_features(layer, chunk_rows)
+
+    def close(self) -> None:
+        for c in self.caches:
+            c.close()
+
+
+class ArraySource(Source):
+    """A plain ``.npz`` / ``.h5`` features file (``features``, ``labels``, opt. ``weight``,
+    ``bias``, ``epoch``)."""
+
+    def __init__(self, path: str | os.PathLike[str], num_classes: int | None = None) -> None:
+        self.path = str(path)
+        self.attrs = {}
+        self._h5: h5py.File | None = None
+        p = Path(path)
+        if p.suffix == ".npz":
+            arrays = self._load_npz(p)
+            get = arrays.get
+            keys = set(arrays)
+        else:
+            try:
+                self._h5 = h5py.File(p, "r")
+            except OSError as exc:
+                raise DataError(
+                    f"{p}: not a readable HDF5 file ({exc}); is it truncated?"
+                ) from None
+            keys = set(self._h5.keys())
+
+            def get(k: str, default: Any = None) -> Any:
+                return self._h5[k] if k in self._h5 else default
+
+        for need in ("features", "labels"):
+            if need not in keys:
+                raise DataError(
+                    f"{p}: no array named {need!r} (found: {', '.join(sorted(keys)) or 'none'}); "
+                    "a features file needs 'features' (N, d) and 'labels' (N,)"
+                )
+        feats, labels = get("features"), get("labels")
+        if feats.ndim != 2:
+            raise DataError(f"{p}: 'features' must be 2-D (N, d), got shape {feats.shape}")
+        if labels.ndim != 1 or labels.shape[0] != feats.shape[0]:
+            raise DataError(
+                f"{p}: 'labels' has shape {labels.shape} but 'features' has {feats.shape[0]} rows"
+            )
+        y = np.asarray(labels[()])
+        if y.dtype.kind == "f":
+            if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+                raise DataError(
+                    f"{p}: 'labels' are fractional floats; class labels must be integers"
+                )
+            y = y.astype(np.int64)
+        elif y.dtype.kind not in "iub":
+            raise DataError(f"{p}: 'labels' have dtype {y.dtype}; class labels must be integers")
+        y = y.astype(np.int64)
+        if y.size and y.min() < 0:
+            raise DataError(f"{p}: 'labels' contain negative values ({int(y.min())})")
+        if feats.dtype.kind not in "fiu":
+            raise DataError(f"{p}: 'features' have dtype {feats.dtype}; expected numbers")
+        W = get("weight")
+        b = get("bias")
+        W = None if W is None else np.asarray(W[()], dtype=np.float64)
+        b = None if b is None else np.asarray(b[()], dtype=np.float64).reshape(-1)
+        if W is not None and (W.ndim != 2 or W.shape[1] != feats.shape[1]):
+            raise DataError(
+                f"{p}: 'weight' has shape {W.shape}; expected (K, {feats.shape[1]}) to match features"
+            )
+        if b is not None and (W is None or b.shape != (W.shape[0],)):
+            raise DataError(
+                f"{p}: 'bias' has shape {b.shape}; it needs a 'weight' with as many rows"
+            )
+        for nm, arr in (("weight", W), ("bias", b)):
+            if arr is not None and not np.isfinite(arr).all():
+                raise DataError(f"{p}: '{nm}' contains NaN or Inf")
+        K = num_classes or (W.shape[0] if W is not None else int(y.max()) + 1 if y.size else 0)
+        if y.size and y.max() >= K:
+            raise DataError(
+                f"{p}: labels go up to {int(y.max())} but there are {K} classes "
+                f"({'rows of weight' if W is not None else '--num-classes'}); fix the labels"
+            )
+        if K < 1:
+            raise DataError(f"{p}: no samples")
+        self.num_classes = K
+        self._features = feats
+        self._labels = y
+        ep = get("epoch")
+        name_epoch, name_step = epoch_step_from_name(p.name)
+        self.epoch = int(np.asarray(ep[()])) if ep is not None else name_epoch
+        self.step = name_step
+        view = LayerView(
+            self, "features", int(feats.shape[1]), role="penultimate", weight=W, bias=b
+        )
+        view.classifier_weight, view.classifier_bias = W, b
+        self.layers = {"features": view}
+
+    @staticmethod
+    def _load_npz(p: Path) -> dict[str, np.ndarray]:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise DataError(f"{p}: no such file") from None
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+            raise DataError(f"{p}: not a readable .npz file ({exc}); is it truncated?") from None
+
+    def _batches(self, layer: str, chunk_rows: int) -> Batches:
+        N = self._labels.shape[0]
+        for start in range(0, N, chunk_rows):
+            stop = min(N, start + chunk_rows)
+            try:
+                h = np.asarray(self._features[start:stop])
+            except OSError as exc:
+                raise DataError(f"{self.path}: cannot read features ({exc})") from None
+            yield h, self._labels[start:stop]
+
+    def close(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+
+
+def open_sources(
+    paths: Sequence[str | os.PathLike[str]], num_classes: int | None = None
+) -> list[Source]:
+    """Open every input; shard files ``x.rank<r>.h5`` of one run become one source.
+
+    A directory stands for the caches it holds.
+    """
+    expanded: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.suffix in (".h5", ".hdf5") and is_cache(q))
+            if not found:
+                raise DataError(f"{p}: directory holds no nccli caches (*.h5)")
+            expanded.extend(found)
+        else:
+            expanded.append(p)
+    groups: dict[str, list[Path]] = {}
+    for p in expanded:
+        m = _SHARD.match(p.name)
+        key = str(p.with_name(m.group("base"))) + "#shards" if m else str(p)
+        groups.setdefault(key, []).append(p)
+    out: list[Source] = []
+    try:
+        for key, members in groups.items():
+            first = members[0]
+            if not first.exists() and not first.name.endswith(".partial"):
+                raise DataError(f"{first}: no such file")
+            if first.name.endswith(".partial"):
+                Cache(first)  # raises the clear "unfinished cache" error
+            if key.endswith("#shards"):
+                members.sort(key=lambda q: int(_SHARD.match(q.name).group("rank")))
+                out.append(CacheSource(members))
+            elif first.suffix in (".h5", ".hdf5") and is_cache(first):
+                out.append(CacheSource([first]))
+            elif first.suffix in (".npz", ".h5", ".hdf5"):
+                out.append(ArraySource(first, num_classes))
+            else:
+                raise DataError(
+                    f"{first}: unknown input type; measure reads nccli caches (.h5) or "
+                    "features files (.npz/.h5 with 'features' and 'labels')"
+                )
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out

@@ -1,0 +1,254 @@
+"""``measure``: sources → tidy rows ``source, epoch, layer, metric, value``.
+
+The Python API behind ``nccli measure``.  For every source and selected layer it takes
+the statistics (stored in the cache, or streamed once), evaluates NC1–NC3 from them, and
+— only when NC4-family metrics are wanted — streams the features once more in chunks with
+one GEMM per chunk.  Memory is one chunk plus ``O(d² + K·d)``; nothing is N×N or K×d×d.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nccli.errors import UsageError
+from nccli.io.sources import LayerView, Source, open_sources
+from nccli.metrics import METRICS, MetricSet, Undefined, compute_metrics, nc4_pass, select_metrics
+
+TIDY_COLUMNS = ["source", "epoch", "layer", "metric", "value"]
+PER_CLASS_METRICS = ["n_k", "sigma2_k", "mu_norm", "mu_c_norm", "w_norm", "cos_w_mu", "cos_w_mu_c"]
+
+
+@dataclass
+class MeasureOptions:
+    """Everything that changes the numbers (the CLI maps its flags onto this)."""
+
+    layers: Sequence[str] | None = None
+    metrics: Sequence[str] | str | None = None
+    per_class: bool = False
+    center: str = "global"
+    rtol: float = 1e-8
+    recompute: bool = False
+    chunk_rows: int = 8192
+    num_classes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def select_layers(source: Source, patterns: Sequence[str] | None) -> list[LayerView]:
+    """Layers of ``source`` matching names / globs / roles (all when ``patterns`` is empty)."""
+    views = list(source.layers.values())
+    if not patterns or list(patterns) == ["all"]:
+        return views
+    out: list[LayerView] = []
+    for pat in patterns:
+        hit = [
+            v
+            for v in views
+            if fnmatch.fnmatchcase(v.name, pat)
+            or v.role == pat
+            or (pat == "head" and v.role != "other")
+        ]
+        if not hit:
+            raise UsageError(
+                f"{source.path}: no layer matches {pat!r}; layers are {', '.join(source.layers)}"
+            )
+        out.extend(v for v in hit if v not in out)
+    return out
+
+
+def per_class_table(view: LayerView, stats: Any, center: str = "global") -> dict[str, np.ndarray]:
+    """Per class: ``n_k``, ``σ_k²``, ``||μ_k||``, ``||μ_k-μ_G||``, ``||w_k||``, ``cos(w_k, μ_k)``
+    and ``cos(w_k, μ_k-μ_G)`` (classifier columns are nan without a classifier)."""
+    counts = stats.counts
+    K = stats.num_classes
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sigma2 = np.where(counts > 0, stats.class_ss / np.maximum(counts, 1), np.nan)
+        mu = stats.means
+        muc = mu - stats.global_mean(center)
+        mu_norm = np.linalg.norm(mu, axis=1)
+        muc_norm = np.linalg.norm(muc, axis=1)
+        W = view.classifier_weight
+        if W is None:
+            w_norm = cos = cos_c = np.full(K, np.nan)
+        else:
+            w_norm = np.linalg.norm(W, axis=1)
+            cos = np.sum(W * mu, axis=1) / (w_norm * mu_norm)
+            cos_c = np.sum(W * muc, axis=1) / (w_norm * muc_norm)
+        empty = counts == 0
+        for arr in (mu_norm, muc_norm):
+            arr[empty] = np.nan
+    return {
+        "n_k": counts.astype(float),
+        "sigma2_k": sigma2,
+        "mu_norm": mu_norm,
+        "mu_c_norm": muc_norm,
+        "w_norm": w_norm,
+        "cos_w_mu": np.where(empty, np.nan, cos),
+        "cos_w_mu_c": np.where(empty, np.nan, cos_c),
+    }
+
+
+#: extra per-layer metric providers: ``fn(view, stats, options) -> MetricSet``; other modules
+#: (deep-linear analysis, MSE decomposition) register here so ``measure`` stays one loop.
+LAYER_PROVIDERS: list[Callable[[LayerView, Any, MeasureOptions, list[LayerView]], MetricSet]] = []
+
+
+def measure_layer(
+    view: LayerView, opts: MeasureOptions, names: list[str], all_views: list[LayerView]
+) -> MetricSet:
+    """Every selected metric of one layer."""
+    stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
+    core = [n for n in names if n in METRICS]
+    out = compute_metrics(
+        stats,
+        view.classifier_weight,
+        view.classifier_bias,
+        center=opts.center,
+        rtol=opts.rtol,
+        names=core,
+    )
+    if any(METRICS[n].needs_pass for n in core):
+        pass_names = [n for n in core if METRICS[n].needs_pass]
+        if view.classifier_weight is None:
+            # ncc_acc needs no classifier: run the pass with a dummy to get it
+            try:
+                res = nc4_pass(
+                    view.batches(opts.chunk_rows),
+                    stats,
+                    np.zeros((stats.num_classes, stats.dim)),
+                )
+            except Undefined as exc:
+                res = {}
+                for n in pass_names:
+                    out.undefined(n, str(exc))
+            for n in pass_names:
+                if n == "ncc_acc" and res:
+                    out[n] = res[n]
+                elif n not in out:
+                    out.undefined(n, "no classifier weight for this layer")
+        else:
+            try:
+                res = nc4_pass(
+                    view.batches(opts.chunk_rows),
+                    stats,
+                    view.classifier_weight,
+                    view.classifier_bias,
+                )
+                for n in pass_names:
+                    out[n] = res[n]
+            except Undefined as exc:
+                for n in pass_names:
+                    out.undefined(n, str(exc))
+    for provider in LAYER_PROVIDERS:
+        extra = provider(view, stats, opts, all_views)
+        for k, v in extra.items():
+            if k in names or not names:
+                out[k] = v
+                if k in extra.reasons:
+                    out.reasons[k] = extra.reasons[k]
+    # keep the requested order
+    ordered = MetricSet()
+    for n in names:
+        if n in out:
+            ordered[n] = out[n]
+            if n in out.reasons:
+                ordered.reasons[n] = out.reasons[n]
+    return ordered
+
+
+def measure_sources(
+    sources: Iterable[Source], opts: MeasureOptions, progress: Callable[[str], None] | None = None
+) -> pd.DataFrame:
+    """Tidy rows for already opened sources (see :func:`measure`)."""
+    names = select_metrics(opts.metrics)
+    rows: list[dict[str, Any]] = []
+    for src in sources:
+        views = select_layers(src, opts.layers)
+        for view in views:
+            if progress:
+                progress(f"{src.label}: {view.name}")
+            ms = measure_layer(view, opts, names, list(src.layers.values()))
+            for metric, value in ms.items():
+                rows.append(
+                    {
+                        "source": src.label,
+                        "epoch": src.epoch,
+                        "layer": view.name,
+                        "metric": metric,
+                        "value": value,
+                    }
+                )
+                if metric in ms.reasons:
+                    note = f"{src.label} {view.name}: {metric} is nan: {ms.reasons[metric]}"
+                    if note not in opts.notes:
+                        opts.notes.append(note)
+            if opts.per_class:
+                stats = view.stats(recompute=False)
+                table = per_class_table(view, stats, opts.center)
+                for metric in PER_CLASS_METRICS:
+                    for k, v in enumerate(table[metric]):
+                        rows.append(
+                            {
+                                "source": src.label,
+                                "epoch": src.epoch,
+                                "layer": view.name,
+                                "class": k,
+                                "metric": metric,
+                                "value": float(v),
+                            }
+                        )
+    cols = TIDY_COLUMNS if not opts.per_class else [*TIDY_COLUMNS[:3], "class", *TIDY_COLUMNS[3:]]
+    df = pd.DataFrame(rows, columns=cols)
+    df["epoch"] = df["epoch"].astype("Int64")
+    if opts.per_class:
+        df["class"] = df["class"].astype("Int64")
+    df.attrs["notes"] = list(opts.notes)
+    df.attrs["center"] = opts.center
+    return df
+
+
+def measure(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    layers: Sequence[str] | str | None = None,
+    metrics: Sequence[str] | str | None = None,
+    per_class: bool = False,
+    center: str = "global",
+    recompute: bool = False,
+    num_classes: int | None = None,
+    chunk_rows: int = 8192,
+) -> pd.DataFrame:
+    """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
+
+    >>> df = measure("cache/ep200.h5", metrics="nc1,nc4")        # doctest: +SKIP
+    >>> df.pivot_table(index="layer", columns="metric", values="value")  # doctest: +SKIP
+
+    ``df.attrs["notes"]`` lists why any value is ``nan``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    if center not in ("global", "classmean"):
+        raise UsageError(f"--center must be 'global' or 'classmean', got {center!r}")
+    opts = MeasureOptions(
+        layers=layers,
+        metrics=metrics,
+        per_class=per_class,
+        center=center,
+        recompute=recompute,
+        chunk_rows=chunk_rows,
+        num_classes=num_classes,
+    )
+    sources = open_sources(list(paths), num_classes=num_classes)
+    try:
+        return measure_sources(sources, opts)
+    finally:
+        for s in sources:
+            s.close()

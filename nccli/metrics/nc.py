@@ -1,0 +1,215 @@
+"""NC1–NC4 and CDNV as pure functions of :class:`~nccli.stats.ClassStats` (METRICS.md).
+
+Conventions: ``Σ_W = S_W / N``; ``Σ_B = (1/K) Σ_k (μ_k-μ_G)(μ_k-μ_G)ᵀ``; ``nc1`` is divided
+by K; centring uses the sample-weighted global mean unless ``center="classmean"``.
+Functions raise :class:`Undefined` with a reason when a metric has no value for the data;
+:func:`nccli.metrics.compute_metrics` turns that into ``nan`` plus the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+
+from nccli.errors import DataError
+from nccli.stats import ClassStats
+
+
+class Undefined(ValueError):
+    """A metric has no value for this data; the message is the reason shown to the user."""
+
+
+def _present(stats: ClassStats) -> np.ndarray:
+    """Mask of classes with samples; the metrics need every class present (METRICS.md)."""
+    counts = stats.counts
+    present = counts > 0
+    if present.sum() < 2:
+        raise Undefined("fewer than two classes have samples")
+    if not present.all():
+        empty = np.flatnonzero(~present)
+        shown = ", ".join(str(k) for k in empty[:5]) + (" …" if empty.size > 5 else "")
+        raise Undefined(f"class {shown} has no samples")
+    return present
+
+
+def centred_means(stats: ClassStats, center: str = "global") -> np.ndarray:
+    """``M = [μ_k - μ_G]`` as a (K', d) array over the K' classes that have samples."""
+    present = _present(stats)
+    return stats.means[present] - stats.global_mean(center)
+
+
+def nc1(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> float:
+    """``nc1 = (1/K) Tr(Σ_W Σ_B⁺)`` (Papyan et al. 2020).
+
+    With the thin SVD ``M = Q S Vᵀ`` of the d×K centred means (singular values below
+    ``rtol·s_max`` dropped), ``Σ_B⁺ = K Q S⁻² Qᵀ`` and so
+    ``nc1 = Tr(S⁻² Qᵀ Σ_W Q)``: a d×r product, never a d×d inverse.
+    """
+    M = centred_means(stats, center).T  # d × K
+    Q, s, _ = np.linalg.svd(M, full_matrices=False)
+    if s.size == 0 or s[0] <= 0:
+        raise Undefined("all class means coincide (Σ_B = 0)")
+    keep = s > rtol * s[0]
+    Q, s = Q[:, keep], s[keep]
+    sigma_w = stats.scatter / stats.n
+    # Tr(Σ_W Σ_B⁺) = K Σ_j (q_jᵀ Σ_W q_j) / s_j²; nc1 divides it by K
+    quad = np.sum((sigma_w @ Q) * Q, axis=0)
+    return float(np.sum(quad / s**2))
+
+
+def nc1_trace(stats: ClassStats, center: str = "global") -> float:
+    """``Tr(Σ_W) / Tr(Σ_B)``: cheap, scale-free companion of ``nc1``."""
+    M = centred_means(stats, center)
+    K = M.shape[0]
+    tr_b = float(np.sum(M * M)) / K
+    if tr_b <= 0:
+        raise Undefined("all class means coincide (Tr Σ_B = 0)")
+    return float(np.trace(stats.scatter) / stats.n / tr_b)
+
+
+def cdnv(stats: ClassStats) -> float:
+    """``mean_{k<l} (σ_k² + σ_l²) / (2 ||μ_k - μ_l||²)`` (Galanti et al. 2022)."""
+    present = _present(stats)
+    mu = stats.means[present]
+    var = stats.class_ss[present] / stats.counts[present]
+    sq = np.sum(mu * mu, axis=1)
+    dist2 = sq[:, None] + sq[None, :] - 2.0 * (mu @ mu.T)
+    # the Gram form can lose digits when means are close: recompute those pairs directly
+    k, l = np.triu_indices(mu.shape[0], 1)
+    d2 = dist2[k, l]
+    close = d2 < 1e-6 * (sq[k] + sq[l] + 1e-300)
+    if close.any():
+        diff = mu[k[close]] - mu[l[close]]
+        d2 = d2.copy()
+        d2[close] = np.sum(diff * diff, axis=1)
+    if np.any(d2 <= 0):
+        raise Undefined("two class means coincide (zero distance)")
+    return float(np.mean((var[k] + var[l]) / (2.0 * d2)))
+
+
+def _cosines(V: np.ndarray, what: str) -> np.ndarray:
+    norms = np.linalg.norm(V, axis=1)
+    if np.any(norms <= 0):
+        raise Undefined(f"a {what} vector has zero norm")
+    U = V / norms[:, None]
+    return U @ U.T
+
+
+def _offdiag(G: np.ndarray) -> np.ndarray:
+    K = G.shape[0]
+    return G[~np.eye(K, dtype=bool)]
+
+
+def simplex_etf_gram(K: int) -> np.ndarray:
+    """``E = (K/(K-1)) (I - 11ᵀ/K)``: unit norms, cosines ``-1/(K-1)``."""
+    return K / (K - 1) * (np.eye(K) - np.ones((K, K)) / K)
+
+
+def equinorm(V: np.ndarray, what: str = "vector") -> float:
+    """``std_k ||v_k|| / mean_k ||v_k||`` (population std)."""
+    norms = np.linalg.norm(V, axis=1)
+    if norms.mean() <= 0:
+        raise Undefined(f"every {what} has zero norm")
+    return float(norms.std() / norms.mean())
+
+
+def equiangular(V: np.ndarray, what: str = "vector") -> float:
+    """``std_{k≠l} cos(v_k, v_l)`` over ordered pairs (population std)."""
+    if V.shape[0] < 2:
+        raise Undefined("fewer than two vectors")
+    return float(np.std(_offdiag(_cosines(V, what))))
+
+
+def maxangle(V: np.ndarray, what: str = "vector") -> float:
+    """``mean_{k≠l} |cos(v_k, v_l) + 1/(K-1)|``."""
+    K = V.shape[0]
+    if K < 2:
+        raise Undefined("fewer than two vectors")
+    return float(np.mean(np.abs(_offdiag(_cosines(V, what)) + 1.0 / (K - 1))))
+
+
+def etf_dist(V: np.ndarray, what: str = "vector") -> float:
+    """``|| G/||G||_F - E/||E||_F ||_F`` with ``G = V Vᵀ`` the Gram matrix of the rows."""
+    K = V.shape[0]
+    if K < 2:
+        raise Undefined("fewer than two vectors")
+    G = V @ V.T
+    g = np.linalg.norm(G)
+    if g <= 0:
+        raise Undefined(f"every {what} has zero norm")
+    E = simplex_etf_gram(K)
+    return float(np.linalg.norm(G / g - E / np.linalg.norm(E)))
+
+
+def nc3(weight: np.ndarray, M: np.ndarray) -> float:
+    """``|| Wᵀ/||W||_F - M/||M||_F ||_F²`` with ``W`` (K, d) and centred means ``M`` (K, d)."""
+    nw, nm = np.linalg.norm(weight), np.linalg.norm(M)
+    if nw <= 0:
+        raise Undefined("the classifier weight is zero")
+    if nm <= 0:
+        raise Undefined("all class means coincide")
+    D = weight / nw - M / nm
+    return float(np.sum(D * D))
+
+
+def nc3_cos(weight: np.ndarray, M: np.ndarray) -> float:
+    """``mean_k cos(w_k, μ_k - μ_G)``."""
+    nw = np.linalg.norm(weight, axis=1)
+    nm = np.linalg.norm(M, axis=1)
+    if np.any(nw <= 0) or np.any(nm <= 0):
+        raise Undefined("a classifier row or centred class mean has zero norm")
+    return float(np.mean(np.sum(weight * M, axis=1) / (nw * nm)))
+
+
+def nc4_pass(
+    batches: Iterable[tuple[Any, Any]],
+    stats: ClassStats,
+    weight: Any,
+    bias: Any | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """Second chunked pass: ``nc4``, ``acc`` and ``ncc_acc``.
+
+    ``nc4`` is the fraction of samples whose classifier decision ``argmax_k(w_k·h + b_k)``
+    differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk costs one
+    GEMM against ``[W; μ]``; distances use ``-2hᵀμ_k + ||μ_k||²`` (``||h||²`` is the same
+    for every k).  Classes without samples are never the nearest mean.  Computed in
+    float64 so that ties are not created by rounding.
+    """
+    dev = torch.device(device or "cpu")
+    W = torch.as_tensor(np.asarray(weight, dtype=np.float64), device=dev)
+    K, d = W.shape
+    if K != stats.num_classes or d != stats.dim:
+        raise DataError(
+            f"classifier weight has shape ({K}, {d}) but the features have K={stats.num_classes}, "
+            f"d={stats.dim}"
+        )
+    b = (
+        torch.zeros(K, dtype=torch.float64, device=dev)
+        if bias is None
+        else torch.as_tensor(np.asarray(bias, dtype=np.float64), device=dev).reshape(K)
+    )
+    mu = torch.as_tensor(stats.means, device=dev)
+    mu_sq = (mu * mu).sum(dim=1)
+    mu_sq[torch.as_tensor(stats.counts == 0, device=dev)] = float("inf")
+    both = torch.cat([W, mu], dim=0).T.contiguous()  # d × 2K: one GEMM per chunk
+    n = mismatch = correct = ncc_correct = 0
+    for h, y in batches:
+        h = torch.as_tensor(np.asarray(h) if not isinstance(h, torch.Tensor) else h)
+        h = h.to(dev, torch.float64).reshape(h.shape[0], -1)
+        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(dev)
+        y = y.reshape(-1).to(torch.int64)
+        prod = h @ both
+        pred = torch.argmax(prod[:, :K] + b, dim=1)
+        ncc = torch.argmin(mu_sq - 2.0 * prod[:, K:], dim=1)
+        n += h.shape[0]
+        mismatch += int((pred != ncc).sum())
+        correct += int((pred == y).sum())
+        ncc_correct += int((ncc == y).sum())
+    if n == 0:
+        raise Undefined("no samples")
+    return {"nc4": mismatch / n, "acc": correct / n, "ncc_acc": ncc_correct / n}

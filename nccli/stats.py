@@ -1,0 +1,373 @@
+"""Streaming, mergeable float64 sufficient statistics for Neural Collapse metrics.
+
+:class:`ClassStats` plays the role of a torchmetrics ``Metric`` state: it declares its
+states once (all are *sums* in the Chan et al. sense, so merging is exact), ``update``
+folds a batch in, ``merge`` combines two partitions (batches, files, ranks), and the
+metrics in :mod:`nccli.metrics` are pure functions of the result.
+
+States, per layer (METRICS.md, "Sufficient statistics"):
+
+- ``counts``   ``n_k``                                          (K,)   int64
+- ``means``    ``μ_k``                                          (K, d) float64
+- ``scatter``  ``S_W = Σ_i (h_i - μ_{y_i})(h_i - μ_{y_i})ᵀ = N·Σ_W``  (d, d) float64
+- ``class_ss`` ``SS_k = Σ_{i: y_i = k} ||h_i - μ_k||² = n_k σ_k²``     (K,)   float64
+
+A batch is reduced two-pass *within the batch* (batch class means first, then the centred
+scatter with one GEMM), and folded into the running state with the pairwise update
+
+    δ_k = μ_k^B - μ_k^A,  n_k = n_k^A + n_k^B,  μ_k = μ_k^A + δ_k n_k^B / n_k,
+    S_W = S_W^A + S_W^B + Σ_k (n_k^A n_k^B / n_k) δ_k δ_kᵀ,
+    SS_k = SS_k^A + SS_k^B + (n_k^A n_k^B / n_k) ||δ_k||².
+
+Raw moments (``Σ hhᵀ - N μμᵀ``) are never formed: near collapse the spread is tiny beside
+the mean and the subtraction would cancel catastrophically.
+
+On a CUDA device the states live on the device and the batch never leaves it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from nccli.errors import DataError, UsageError
+
+ArrayLike = Any  # numpy array or torch tensor
+
+#: encoding of the HDF5 group written by :meth:`ClassStats.to_h5`
+ENCODING_TYPE = "nccli-classstats"
+ENCODING_VERSION = "1"
+
+
+def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device)
+    return torch.as_tensor(np.asarray(x), device=device)
+
+
+class ClassStats:
+    """Per-class counts, means, pooled within-class scatter and per-class sum of squares.
+
+    Parameters
+    ----------
+    num_classes:
+        ``K``; labels must lie in ``0..K-1``.
+    dim:
+        feature dimension ``d``.
+    device:
+        where the float64 states live (``"cpu"`` by default; ``"cuda"`` accumulates on the
+        GPU so batches need not be copied to the host).
+    source:
+        a name used in error messages (a file path, usually).
+    """
+
+    #: every state is a sum-type state merged with the pairwise update
+    states = ("counts", "means", "scatter", "class_ss")
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: str | torch.device | None = None,
+        *,
+        source: str = "features",
+    ) -> None:
+        if int(num_classes) < 1:
+            raise UsageError(f"{source}: num_classes must be at least 1, got {num_classes}")
+        if int(dim) < 1:
+            raise UsageError(f"{source}: feature dimension must be at least 1, got {dim}")
+        self.num_classes = int(num_classes)
+        self.dim = int(dim)
+        self.device = torch.device(device or "cpu")
+        self.source = source
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> ClassStats:
+        """Restore the empty state."""
+        K, d, dev = self.num_classes, self.dim, self.device
+        self._counts = torch.zeros(K, dtype=torch.int64, device=dev)
+        self._means = torch.zeros(K, d, dtype=torch.float64, device=dev)
+        self._scatter = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        self._class_ss = torch.zeros(K, dtype=torch.float64, device=dev)
+        return self
+
+    @property
+    def n(self) -> int:
+        """Total number of samples ``N``."""
+        return int(self._counts.sum().item())
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``n_k`` as an int64 numpy array (K,)."""
+        return self._counts.cpu().numpy()
+
+    @property
+    def means(self) -> np.ndarray:
+        """Class means ``μ_k`` as a float64 numpy array (K, d); rows of empty classes are 0."""
+        return self._means.cpu().numpy()
+
+    @property
+    def scatter(self) -> np.ndarray:
+        """Pooled within-class scatter ``S_W = N·Σ_W`` (d, d), float64, symmetric."""
+        s = self._scatter
+        return (0.5 * (s + s.T)).cpu().numpy()
+
+    @property
+    def class_ss(self) -> np.ndarray:
+        """Per-class sum of squared distances to the class mean, ``n_k σ_k²`` (K,)."""
+        return self._class_ss.cpu().numpy()
+
+    def global_mean(self, center: str = "global") -> np.ndarray:
+        """``μ_G``: sample-weighted (``"global"``) or the plain mean of the non-empty class
+        means (``"classmean"``)."""
+        counts = self.counts
+        means = self.means
+        present = counts > 0
+        if not present.any():
+            return np.zeros(self.dim)
+        if center == "classmean":
+            return means[present].mean(axis=0)
+        if center != "global":
+            raise UsageError(f"unknown centring {center!r}: use 'global' or 'classmean'")
+        return (counts[present, None] * means[present]).sum(axis=0) / counts.sum()
+
+    # ----------------------------------------------------------------- update
+    def _check_batch(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.source
+        if h.ndim == 1 and self.dim == 1:
+            h = h[:, None]
+        if h.ndim > 2:
+            h = h.reshape(h.shape[0], -1)
+        if h.ndim != 2:
+            raise DataError(
+                f"{src}: features must be a 2-D array (N, d), got shape {tuple(h.shape)}"
+            )
+        if h.shape[1] != self.dim:
+            raise DataError(
+                f"{src}: features have dimension {h.shape[1]} but the statistics expect {self.dim}"
+            )
+        y = y.reshape(-1)
+        if y.shape[0] != h.shape[0]:
+            raise DataError(
+                f"{src}: {h.shape[0]} feature rows but {y.shape[0]} labels; they must match"
+            )
+        if y.dtype.is_floating_point:
+            if not bool(torch.all(y == torch.round(y))):
+                raise DataError(
+                    f"{src}: labels are fractional floats; class labels must be integers"
+                )
+            y = y.to(torch.int64)
+        elif y.dtype == torch.bool:
+            y = y.to(torch.int64)
+        else:
+            y = y.to(torch.int64)
+        if y.numel():
+            lo, hi = int(y.min().item()), int(y.max().item())
+            if lo < 0 or hi >= self.num_classes:
+                raise DataError(
+                    f"{src}: labels must lie in 0..{self.num_classes - 1}, found {lo}..{hi}; "
+                    "pass the right number of classes"
+                )
+        if not h.dtype.is_floating_point:
+            h = h.to(torch.float64)
+        if h.numel() and not bool(torch.isfinite(h).all()):
+            bad = int((~torch.isfinite(h)).any(dim=1).sum().item())
+            raise DataError(
+                f"{src}: {bad} feature rows contain NaN or Inf; fix the model/inputs "
+                "or drop those samples (--skip-nonfinite)"
+            )
+        return h, y
+
+    def update(self, features: ArrayLike, labels: ArrayLike) -> ClassStats:
+        """Fold a batch ``(features (B, d), labels (B,))`` into the statistics.
+
+        The batch is promoted to float64 on the statistics' device, reduced two-pass
+        (batch class means, then one GEMM for the centred scatter), and merged.
+        """
+        h = _as_tensor(features, self.device)
+        y = _as_tensor(labels, self.device)
+        h, y = self._check_batch(h, y)
+        if h.shape[0] == 0:
+            return self
+        h = h.to(torch.float64)
+        K = self.num_classes
+        cnt = torch.bincount(y, minlength=K)
+        sums = torch.zeros(K, self.dim, dtype=torch.float64, device=self.device)
+        sums.index_add_(0, y, h)
+        bmeans = sums / cnt.clamp_min(1).to(torch.float64)[:, None]
+        centred = h - bmeans[y]
+        bss = torch.zeros(K, dtype=torch.float64, device=self.device)
+        bss.index_add_(0, y, (centred * centred).sum(dim=1))
+        self._merge_parts(cnt, bmeans, centred, bss)
+        return self
+
+    def merge(self, other: ClassStats) -> ClassStats:
+        """Combine ``other`` into ``self`` in place with the pairwise (Chan) update."""
+        if not isinstance(other, ClassStats):
+            raise UsageError(f"cannot merge ClassStats with {type(other).__name__}")
+        if (other.num_classes, other.dim) != (self.num_classes, self.dim):
+            raise DataError(
+                f"cannot merge statistics of shape (K={other.num_classes}, d={other.dim}) "
+                f"into (K={self.num_classes}, d={self.dim}); were they made from the same layer?"
+            )
+        dev = self.device
+        self._merge_parts(
+            other._counts.to(dev),
+            other._means.to(dev),
+            None,
+            other._class_ss.to(dev),
+            scatter=other._scatter.to(dev),
+        )
+        return self
+
+    def _merge_parts(
+        self,
+        cnt_b: torch.Tensor,
+        means_b: torch.Tensor,
+        centred_b: torch.Tensor | None,
+        ss_b: torch.Tensor,
+        *,
+        scatter: torch.Tensor | None = None,
+    ) -> None:
+        """Pairwise update with partition B given by counts, means, class_ss and either
+        its centred rows (then ``S_W^B`` and the cross term come from ONE GEMM) or its
+        scatter matrix."""
+        cnt_a = self._counts
+        n = cnt_a + cnt_b
+        na = cnt_a.to(torch.float64)
+        nb = cnt_b.to(torch.float64)
+        nn_ = n.to(torch.float64)
+        both = (cnt_a > 0) & (cnt_b > 0)
+        delta = means_b - self._means
+        w = torch.zeros_like(na)
+        w[both] = na[both] * nb[both] / nn_[both]
+        # new means: classes only in B take B's mean exactly, classes in neither stay 0
+        frac = torch.where(n > 0, nb / nn_.clamp_min(1.0), torch.zeros_like(nb))
+        self._means = self._means + delta * frac[:, None]
+        idx = torch.nonzero(both).reshape(-1)
+        cross = delta[idx] * w[idx].sqrt()[:, None]  # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross
+        if centred_b is not None:
+            rows = torch.cat([centred_b, cross], dim=0) if idx.numel() else centred_b
+            self._scatter += rows.T @ rows
+        else:
+            self._scatter += scatter
+            if idx.numel():
+                self._scatter += cross.T @ cross
+        self._class_ss += ss_b + w * (delta * delta).sum(dim=1)
+        self._counts = n
+
+    # ------------------------------------------------------------- builders
+    @classmethod
+    def from_arrays(
+        cls,
+        features: ArrayLike,
+        labels: ArrayLike,
+        num_classes: int | None = None,
+        batch_size: int | None = None,
+        *,
+        device: str | torch.device | None = None,
+        source: str = "features",
+    ) -> ClassStats:
+        """Statistics of a whole array, folded in batches of ``batch_size`` (all at once
+        when ``None``)."""
+        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        if num_classes is None:
+            if y.size == 0:
+                raise DataError(f"{source}: no labels, cannot infer the number of classes")
+            num_classes = int(np.max(y)) + 1
+        shape = tuple(features.shape)
+        if len(shape) < 1:
+            raise DataError(f"{source}: features must be a 2-D array (N, d)")
+        dim = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        st = cls(num_classes, dim, device=device, source=source)
+        n = shape[0]
+        step = n if not batch_size else int(batch_size)
+        if n != y.shape[0]:
+            raise DataError(f"{source}: {n} feature rows but {y.shape[0]} labels; they must match")
+        for start in range(0, n, max(step, 1)):
+            st.update(features[start : start + step], labels[start : start + step])
+        return st
+
+    def copy(self) -> ClassStats:
+        """A deep copy."""
+        out = ClassStats(self.num_classes, self.dim, self.device, source=self.source)
+        out._counts = self._counts.clone()
+        out._means = self._means.clone()
+        out._scatter = self._scatter.clone()
+        out._class_ss = self._class_ss.clone()
+        return out
+
+    def to(self, device: str | torch.device) -> ClassStats:
+        """Move the states to ``device`` (in place) and return self."""
+        self.device = torch.device(device)
+        for name in ("_counts", "_means", "_scatter", "_class_ss"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
+
+    # ------------------------------------------------------------------ HDF5
+    def to_h5(self, group: Any) -> None:
+        """Write the states into an (empty) h5py group, stamped with encoding attrs."""
+        group.attrs["encoding-type"] = ENCODING_TYPE
+        group.attrs["encoding-version"] = ENCODING_VERSION
+        group.attrs["num_classes"] = self.num_classes
+        group.attrs["dim"] = self.dim
+        for name, arr in (
+            ("counts", self.counts),
+            ("means", self.means),
+            ("scatter", self.scatter),
+            ("class_ss", self.class_ss),
+        ):
+            if name in group:
+                del group[name]
+            group.create_dataset(name, data=arr)
+
+    @classmethod
+    def from_h5(cls, group: Any, *, source: str | None = None) -> ClassStats:
+        """Read and validate states written by :meth:`to_h5`."""
+        from nccli.errors import CacheError
+
+        where = source or f"{group.file.filename}:{group.name}"
+        etype = group.attrs.get("encoding-type")
+        ever = group.attrs.get("encoding-version")
+        if isinstance(etype, bytes):
+            etype = etype.decode()
+        if isinstance(ever, bytes):
+            ever = ever.decode()
+        if etype != ENCODING_TYPE:
+            raise CacheError(f"{where}: encoding-type is {etype!r}, expected {ENCODING_TYPE!r}")
+        if ever != ENCODING_VERSION:
+            raise CacheError(
+                f"{where}: statistics encoding-version {ever!r} is not supported by this nccli "
+                f"(reads {ENCODING_VERSION!r}); upgrade nccli"
+            )
+        for name in cls.states:
+            if name not in group:
+                raise CacheError(f"{where}: statistics dataset {name!r} is missing; re-extract")
+        K = int(group.attrs.get("num_classes", -1))
+        d = int(group.attrs.get("dim", -1))
+        counts = np.asarray(group["counts"][()])
+        means = np.asarray(group["means"][()])
+        scatter = np.asarray(group["scatter"][()])
+        class_ss = np.asarray(group["class_ss"][()])
+        expect = {"counts": (K,), "means": (K, d), "scatter": (d, d), "class_ss": (K,)}
+        got = {"counts": counts, "means": means, "scatter": scatter, "class_ss": class_ss}
+        for name, shape in expect.items():
+            if got[name].shape != shape:
+                raise CacheError(
+                    f"{where}: statistics {name!r} has shape {got[name].shape}, expected {shape}; "
+                    "the cache is corrupt, re-extract it"
+                )
+        if (counts < 0).any() or not all(np.isfinite(a).all() for a in (means, scatter, class_ss)):
+            raise CacheError(f"{where}: statistics contain negative counts or NaN/Inf; re-extract")
+        st = cls(K, d, source=where)
+        st._counts = torch.as_tensor(counts.astype(np.int64))
+        st._means = torch.as_tensor(means.astype(np.float64))
+        st._scatter = torch.as_tensor(scatter.astype(np.float64))
+        st._class_ss = torch.as_tensor(class_ss.astype(np.float64))
+        return st
+
+    def __repr__(self) -> str:
+        return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, n={self.n})"
