@@ -171,10 +171,13 @@ class CacheWriter:
                 chunks=(crow, spec.dim),
                 compression=self.compression,
             )
-            if spec.weight is not None:
-                g.create_dataset("weight", data=np.asarray(spec.weight, dtype=np.float32))
-            if spec.bias is not None:
-                g.create_dataset("bias", data=np.asarray(spec.bias, dtype=np.float32))
+            # parameters keep their precision (float64 stays float64; halves are widened)
+            for key in ("weight", "bias"):
+                value = getattr(spec, key)
+                if value is not None:
+                    arr = np.asarray(value)
+                    arr = arr.astype(np.float64 if arr.dtype == np.float64 else np.float32)
+                    g.create_dataset(key, data=arr)
 
     def _check_resumable(self) -> None:
         f = self.h5
@@ -477,9 +480,17 @@ class Cache:
 
 
 def is_cache(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is an HDF5 file with the nccli root attribute."""
+    """True when ``path`` is an HDF5 file that claims to be (or is laid out as) a cache.
+
+    A cache whose root attributes were damaged still counts, so that the reader explains
+    what is wrong instead of treating it as a plain features file.
+    """
     try:
         with h5py.File(path, "r") as f:
-            return _attr(f, "format") == FORMAT
+            return (
+                _attr(f, "format") == FORMAT
+                or _attr(f, "encoding-type") == ROOT_ENCODING[0]
+                or ("layers" in f and "features" not in f)
+            )
     except OSError:
         return False
