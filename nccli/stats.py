@@ -47,6 +47,50 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), device=device)
 
 
+def check_batch(
+    h: torch.Tensor, y: torch.Tensor, num_classes: int, dim: int, src: str = "features"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a batch: 2-D features of width ``dim``, integer labels in ``0..K-1`` of the
+    same length, finite values.  Returns ``(features, int64 labels)``; raises DataError."""
+    if h.ndim == 1 and dim == 1:
+        h = h[:, None]
+    if h.ndim > 2:
+        h = h.reshape(h.shape[0], -1)
+    if h.ndim != 2:
+        raise DataError(f"{src}: features must be a 2-D array (N, d), got shape {tuple(h.shape)}")
+    if h.shape[1] != dim:
+        raise DataError(
+            f"{src}: features have dimension {h.shape[1]} but the statistics expect {dim}"
+        )
+    y = y.reshape(-1)
+    if y.shape[0] != h.shape[0]:
+        raise DataError(
+            f"{src}: {h.shape[0]} feature rows but {y.shape[0]} labels; they must match"
+        )
+    if y.dtype.is_floating_point:
+        if not bool(torch.all(y == torch.round(y))):
+            raise DataError(f"{src}: labels are fractional floats; class labels must be integers")
+        y = y.to(torch.int64)
+    else:
+        y = y.to(torch.int64)
+    if y.numel():
+        lo, hi = int(y.min().item()), int(y.max().item())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{src}: labels must lie in 0..{num_classes - 1}, found {lo}..{hi}; "
+                "pass the right number of classes"
+            )
+    if not h.dtype.is_floating_point:
+        h = h.to(torch.float64)
+    if h.numel() and not bool(torch.isfinite(h).all()):
+        bad = int((~torch.isfinite(h)).any(dim=1).sum().item())
+        raise DataError(
+            f"{src}: {bad} feature rows contain NaN or Inf; fix the model/inputs "
+            "or drop those samples (--skip-nonfinite)"
+        )
+    return h, y
+
+
 class ClassStats:
     """Per-class counts, means, pooled within-class scatter and per-class sum of squares.
 
@@ -136,50 +180,7 @@ class ClassStats:
 
     # ----------------------------------------------------------------- update
     def _check_batch(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        src = self.source
-        if h.ndim == 1 and self.dim == 1:
-            h = h[:, None]
-        if h.ndim > 2:
-            h = h.reshape(h.shape[0], -1)
-        if h.ndim != 2:
-            raise DataError(
-                f"{src}: features must be a 2-D array (N, d), got shape {tuple(h.shape)}"
-            )
-        if h.shape[1] != self.dim:
-            raise DataError(
-                f"{src}: features have dimension {h.shape[1]} but the statistics expect {self.dim}"
-            )
-        y = y.reshape(-1)
-        if y.shape[0] != h.shape[0]:
-            raise DataError(
-                f"{src}: {h.shape[0]} feature rows but {y.shape[0]} labels; they must match"
-            )
-        if y.dtype.is_floating_point:
-            if not bool(torch.all(y == torch.round(y))):
-                raise DataError(
-                    f"{src}: labels are fractional floats; class labels must be integers"
-                )
-            y = y.to(torch.int64)
-        elif y.dtype == torch.bool:
-            y = y.to(torch.int64)
-        else:
-            y = y.to(torch.int64)
-        if y.numel():
-            lo, hi = int(y.min().item()), int(y.max().item())
-            if lo < 0 or hi >= self.num_classes:
-                raise DataError(
-                    f"{src}: labels must lie in 0..{self.num_classes - 1}, found {lo}..{hi}; "
-                    "pass the right number of classes"
-                )
-        if not h.dtype.is_floating_point:
-            h = h.to(torch.float64)
-        if h.numel() and not bool(torch.isfinite(h).all()):
-            bad = int((~torch.isfinite(h)).any(dim=1).sum().item())
-            raise DataError(
-                f"{src}: {bad} feature rows contain NaN or Inf; fix the model/inputs "
-                "or drop those samples (--skip-nonfinite)"
-            )
-        return h, y
+        return check_batch(h, y, self.num_classes, self.dim, self.source)
 
     def update(self, features: ArrayLike, labels: ArrayLike) -> ClassStats:
         """Fold a batch ``(features (B, d), labels (B,))`` into the statistics.

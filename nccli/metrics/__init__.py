@@ -135,14 +135,9 @@ def compute_metrics(
     """
     wanted = [n for n in (names or METRICS) if not METRICS[n].needs_pass]
     out = MetricSet()
-    W = None if weight is None else np.asarray(weight, dtype=np.float64)
-    if W is not None and W.shape != (stats.num_classes, stats.dim):
-        from nccli.errors import DataError
-
-        raise DataError(
-            f"{stats.source}: classifier weight has shape {W.shape} but the features have "
-            f"K={stats.num_classes} classes and d={stats.dim}"
-        )
+    W = None
+    if weight is not None:
+        W, _ = nc.check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
 
     def means() -> np.ndarray:
         return nc.centred_means(stats, center)

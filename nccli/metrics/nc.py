@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nccli.errors import DataError
-from nccli.stats import ClassStats
+from nccli.stats import ClassStats, check_batch
 
 
 class Undefined(ValueError):
@@ -164,6 +164,30 @@ def nc3_cos(weight: np.ndarray, M: np.ndarray) -> float:
     return float(np.mean(np.sum(weight * M, axis=1) / (nw * nm)))
 
 
+def check_classifier(
+    weight: Any, bias: Any | None, num_classes: int, dim: int, source: str = "classifier"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate a classifier ``W`` (K, d) and bias (K,): shapes and finiteness (DataError)."""
+    W = np.asarray(weight, dtype=np.float64)
+    if W.shape != (num_classes, dim):
+        raise DataError(
+            f"{source}: classifier weight has shape {W.shape} but the features have "
+            f"K={num_classes} classes and d={dim}"
+        )
+    if not np.isfinite(W).all():
+        raise DataError(f"{source}: classifier weight contains NaN or Inf; check the checkpoint")
+    b = None
+    if bias is not None:
+        b = np.asarray(bias, dtype=np.float64).reshape(-1)
+        if b.shape != (num_classes,):
+            raise DataError(
+                f"{source}: classifier bias has {b.size} entries, expected {num_classes}"
+            )
+        if not np.isfinite(b).all():
+            raise DataError(f"{source}: classifier bias contains NaN or Inf; check the checkpoint")
+    return W, b
+
+
 def nc4_pass(
     batches: Iterable[tuple[Any, Any]],
     stats: ClassStats,
@@ -181,28 +205,20 @@ def nc4_pass(
     float64 so that ties are not created by rounding.
     """
     dev = torch.device(device or "cpu")
-    W = torch.as_tensor(np.asarray(weight, dtype=np.float64), device=dev)
-    K, d = W.shape
-    if K != stats.num_classes or d != stats.dim:
-        raise DataError(
-            f"classifier weight has shape ({K}, {d}) but the features have K={stats.num_classes}, "
-            f"d={stats.dim}"
-        )
-    b = (
-        torch.zeros(K, dtype=torch.float64, device=dev)
-        if bias is None
-        else torch.as_tensor(np.asarray(bias, dtype=np.float64), device=dev).reshape(K)
-    )
+    Wn, bn = check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
+    W = torch.as_tensor(Wn, device=dev)
+    K = W.shape[0]
+    b = torch.as_tensor(bn if bn is not None else np.zeros(K), device=dev)
     mu = torch.as_tensor(stats.means, device=dev)
     mu_sq = (mu * mu).sum(dim=1)
     mu_sq[torch.as_tensor(stats.counts == 0, device=dev)] = float("inf")
     both = torch.cat([W, mu], dim=0).T.contiguous()  # d × 2K: one GEMM per chunk
     n = mismatch = correct = ncc_correct = 0
     for h, y in batches:
-        h = torch.as_tensor(np.asarray(h) if not isinstance(h, torch.Tensor) else h)
-        h = h.to(dev, torch.float64).reshape(h.shape[0], -1)
+        h = torch.as_tensor(np.asarray(h) if not isinstance(h, torch.Tensor) else h).to(dev)
         y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(dev)
-        y = y.reshape(-1).to(torch.int64)
+        h, y = check_batch(h, y, K, stats.dim, stats.source)
+        h = h.to(torch.float64)
         prod = h @ both
         pred = torch.argmax(prod[:, :K] + b, dim=1)
         ncc = torch.argmin(mu_sq - 2.0 * prod[:, K:], dim=1)

@@ -1,0 +1,164 @@
+"""Time `nccli measure` against a notebook-style reference and a hardware bound.
+
+For each (N, d, K) it writes synthetic float32 features to an HDF5 features file and
+times, in the same run:
+
+- nccli   `nccli.measure(path)`: streaming statistics + NC1–NC3 + the chunked NC4 pass
+- ref     `benchmarks/notebook_reference.py`: per-sample outer products for Σ_W, d×d
+          pinv, per-sample NC4 loop (run on the first `--ref-rows` rows and scaled
+          linearly to N, since it is linear in N — the table says so)
+- bound   one chunked read of the features + one HᵀH GEMM in float32
+
+and `measure` from stored statistics only (no NC4 pass) on a cache, and the peak
+resident memory of `nccli measure` in a subprocess for two values of N.
+
+    python benchmarks/bench_measure.py            # all sizes
+    python benchmarks/bench_measure.py --small    # skip (200k, 2048, 1000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from notebook_reference import notebook_metrics  # noqa: E402
+
+from nccli import ClassStats, measure  # noqa: E402
+from nccli.io.cache import CacheWriter, LayerSpec  # noqa: E402
+
+
+def make_features(path: Path, N: int, d: int, K: int, seed: int = 0, chunk: int = 20000) -> None:
+    """Synthetic near-collapsed features written in chunks (memory stays small)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(K, d)).astype(np.float32) * 3
+    W = means + 0.3 * rng.normal(size=(K, d)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        feats = f.create_dataset("features", (N, d), dtype="float32", chunks=(min(N, 4096), d))
+        labels = f.create_dataset("labels", (N,), dtype="int64")
+        for s in range(0, N, chunk):
+            n = min(chunk, N - s)
+            y = rng.integers(0, K, n)
+            feats[s : s + n] = means[y] + rng.normal(size=(n, d)).astype(np.float32)
+            labels[s : s + n] = y
+        f["weight"] = W
+        f["bias"] = np.zeros(K, dtype=np.float32)
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bound(path: Path, chunk_rows: int = 8192) -> None:
+    with h5py.File(path, "r") as f:
+        X = f["features"]
+        d = X.shape[1]
+        G = np.zeros((d, d), dtype=np.float32)
+        for s in range(0, X.shape[0], chunk_rows):
+            h = X[s : s + chunk_rows]
+            G += h.T @ h
+
+
+def reference(path: Path, rows: int, K: int) -> float:
+    with h5py.File(path, "r") as f:
+        H = f["features"][:rows]
+        y = f["labels"][:rows]
+        W, b = f["weight"][()], f["bias"][()]
+    t = time.perf_counter()
+    notebook_metrics(H, y, W, b, K)
+    return time.perf_counter() - t
+
+
+def stats_only_cache(path: Path, d: int, K: int, n_per: int = 3) -> None:
+    """A cache holding only statistics (features of a few rows) for the stats-only timing."""
+    rng = np.random.default_rng(1)
+    N = K * n_per
+    y = np.repeat(np.arange(K), n_per)
+    H = (rng.normal(size=(K, d))[y] + rng.normal(size=(N, d))).astype(np.float32)
+    W = rng.normal(size=(K, d)).astype(np.float32)
+    spec = [LayerSpec("fc", d, module="fc", role="penultimate", weight=W, bias=np.zeros(K))]
+    w = CacheWriter(path, spec, N, K, attrs={"classifier": "fc"}, logits=False)
+    w.write_rows(0, y, np.arange(N), {"fc": H})
+    w.finalize({"fc": ClassStats.from_arrays(H, y, K)})
+
+
+def peak_rss_mb(path: Path) -> float:
+    """Peak RSS of `nccli measure` on ``path`` in a fresh process (MB)."""
+    code = (
+        "import resource, sys; from nccli import measure; measure(sys.argv[1]);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="skip (200k, 2048, 1000)")
+    ap.add_argument("--ref-rows", type=int, default=4000, help="rows the reference runs on")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    sizes = [(50_000, 512, 10), (50_000, 512, 100), (20_000, 512, 100)]
+    if not args.small:
+        sizes.append((200_000, 2048, 1000))
+    print(f"threads: torch {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        header = f"{'N':>8} {'d':>5} {'K':>5} | {'nccli s':>8} {'ref s':>9} {'bound s':>8} | {'ref/nccli':>9} {'nccli/bound':>11}"
+        print(header)
+        print("-" * len(header))
+        for N, d, K in sizes:
+            path = tmp / f"f_{N}_{d}_{K}.h5"
+            make_features(path, N, d, K)
+            measure(path)  # warm-up (BLAS threads, file cache)
+            t_nccli = best_of(lambda p=path: measure(p), args.repeat)
+            t_bound = best_of(lambda p=path: bound(p), args.repeat)
+            rows = min(N, args.ref_rows)
+            t_ref = reference(path, rows, K) * N / rows
+            results.append({"N": N, "d": d, "K": K, "nccli_s": t_nccli, "ref_s": t_ref, "bound_s": t_bound})
+            print(
+                f"{N:>8} {d:>5} {K:>5} | {t_nccli:>8.3f} {t_ref:>9.2f} {t_bound:>8.3f} | "
+                f"{t_ref / t_nccli:>9.1f} {t_nccli / t_bound:>11.2f}",
+                flush=True,
+            )
+            path.unlink()
+        print(f"(ref is timed on {args.ref_rows} rows and scaled linearly to N)")
+
+        cache = tmp / "stats_only.h5"
+        stats_only_cache(cache, 2048, 1000)
+        no_pass = "nc1,nc1_trace,cdnv,nc2,nc3"
+        measure(cache, metrics=no_pass)
+        t_stats = best_of(lambda: measure(cache, metrics=no_pass), args.repeat)
+        print(f"\nmeasure from stored statistics, K=1000, d=2048, no NC4 pass: {t_stats:.3f} s")
+        results.append({"stats_only_K1000_d2048_s": t_stats})
+
+        print("\npeak RSS of `measure` (fresh process):")
+        for N in (20_000, 100_000):
+            path = tmp / f"m_{N}.h5"
+            make_features(path, N, 512, 100)
+            rss = peak_rss_mb(path)
+            size = path.stat().st_size / 2**20
+            print(f"  N={N:>7} d=512 K=100  features {size:7.1f} MB  peak RSS {rss:7.1f} MB")
+            results.append({"rss_N": N, "features_mb": size, "peak_rss_mb": rss})
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
