@@ -82,7 +82,11 @@ def build(name: str, **kwargs: Any) -> nn.Module:
     except TypeError as exc:
         accepted = ", ".join(sig.parameters)
         raise UsageError(f"zoo: {key}: {exc} (accepted arguments: {accepted})") from None
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        detail = " ".join(str(exc).split())
+        raise UsageError(f"zoo: {key}: bad arguments {kwargs} ({detail})") from exc
     model.nccli_arch = format_arch(key, kwargs)
     return model.eval()
 
