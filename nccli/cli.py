@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from nccli import __version__
+from nccli.compare import Across, By, RunFrom
 from nccli.errors import NCError, UsageError
 from nccli.report import OutputFormat
 
@@ -225,6 +226,162 @@ def measure(
         )
         emit(df, fmt, as_wide=as_wide, output=output)
         print_notes(df.attrs.get("notes", []))
+
+
+@app.command(rich_help_panel="Analyse")
+def compare(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Caches / feature files of several checkpoints (any order), or directories."
+        ),
+    ],
+    across: Annotated[
+        Across,
+        typer.Option(
+            "--across",
+            "-a",
+            help="[b]epochs[/b]: a row per checkpoint, sorted by epoch; [b]layers[/b]: a row "
+            "per layer in depth order; [b]runs[/b]: each run's last checkpoint.",
+        ),
+    ] = Across.epochs,
+    by: Annotated[
+        By | None,
+        typer.Option(
+            "--by",
+            help="[b]run[/b]: runs side by side, aligned on epoch, with delta_<metric> rows "
+            "(run − baseline).",
+        ),
+    ] = None,
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layer",
+            "-l",
+            help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            "-m",
+            help="Comma-separated metric names or families (default nc1,nc2_etf_dist_means,nc3,nc4; 'all').",
+        ),
+    ] = None,
+    run_from: Annotated[
+        RunFrom,
+        typer.Option(
+            "--run-from",
+            help="Run names: auto = cache 'run' attribute, else directory when inputs span "
+            "several, else file name minus epoch; dir; stem.",
+        ),
+    ] = RunFrom.auto,
+    baseline: Annotated[
+        str | None,
+        typer.Option("--baseline", help="Reference run for --by run deltas (default: first run)."),
+    ] = None,
+    fail_if: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-if",
+            help="Exit 1 if any row crosses METRIC OP NUMBER, e.g. 'nc1>0.05' (OP: > >= < <= ==); "
+            "checks every checkpoint and layer; repeatable.",
+        ),
+    ] = None,
+    fail_if_last: Annotated[
+        bool,
+        typer.Option("--fail-if-last", help="Check --fail-if on each run's last checkpoint only."),
+    ] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also draw metrics vs epoch (log scales) to this .png/.pdf/.svg (needs nccli\\[plot]).",
+        ),
+    ] = None,
+    center: Annotated[
+        str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
+    ] = "global",
+    num_classes: Annotated[
+        int | None,
+        typer.Option(
+            "--num-classes",
+            "-k",
+            help="K for feature files without a classifier (default: max label + 1).",
+        ),
+    ] = None,
+    fmt: FormatOpt = None,
+    as_wide: WideOpt = False,
+    output: OutOpt = None,
+) -> None:
+    """Compare NC metrics across checkpoints, layers or runs; gate a pipeline with --fail-if.
+
+    Rows are tidy like [b]measure[/b] (source,epoch,layer,metric,value), plus a [b]run[/b] column when there are several runs (or --by run / --across runs) and [b]step[/b] when checkpoints record one. The table shows, per metric, a log-scale sparkline trend and first→last.
+
+    With --by run the deltas are extra rows whose metric is [b]delta_<metric>[/b] = this run − baseline at the same epoch and layer (--wide makes them columns).
+
+    --fail-if checks every row of its metric (all checkpoints and selected layers; nan rows are skipped with a note; --fail-if-last: last checkpoint of each run only). The data is still written, then each crossing row is named on stderr and the exit code is 1. A malformed threshold or unknown metric exits 2.
+    """
+    from nccli.compare import compare as run_compare
+    from nccli.compare import render_table
+
+    with user_errors():
+        if plot is not None:
+            from nccli.plot import check_plot_path
+
+            check_plot_path(plot)
+        layers = [p.strip() for item in (layer or []) for p in item.split(",") if p.strip()]
+        progress = None
+        status = None
+        err = stderr_console()
+        if not STATE.quiet and err.is_terminal:
+            status = err.status("measuring…")
+            status.start()
+            progress = lambda msg: status.update(f"measuring {msg}")  # noqa: E731
+        try:
+            result = run_compare(
+                [str(p) for p in paths],
+                across=across,
+                by=by,
+                layers=layers or None,
+                metrics=metrics,
+                run_of=run_from,
+                baseline=baseline,
+                fail_if=fail_if or (),
+                fail_if_last=fail_if_last,
+                center=center,
+                num_classes=num_classes,
+                progress=progress,
+            )
+        finally:
+            if status is not None:
+                status.stop()
+        data = result.wide() if as_wide else result.data
+        emit(
+            data,
+            fmt,
+            as_wide=False,
+            output=output,
+            render_table=lambda _df, console: render_table(result, console),
+        )
+        print_notes(result.notes)
+        if plot is not None:
+            from nccli.plot import plot_compare
+
+            plot_compare(result, plot)
+            if not STATE.quiet:
+                err.print(f"wrote {plot}")
+        if result.violations:
+            shown = result.violations[:20]
+            for v in shown:
+                typer.echo(f"nccli: fail-if: {v.describe(result.has_runs)}", err=True)
+            if len(result.violations) > len(shown):
+                typer.echo(
+                    f"nccli: fail-if: … and {len(result.violations) - len(shown)} more rows",
+                    err=True,
+                )
+            result.check(name_first=False)
 
 
 @app.command("metrics", rich_help_panel="Utils")
