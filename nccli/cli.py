@@ -12,6 +12,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -382,6 +383,246 @@ def compare(
                     err=True,
                 )
             result.check(name_first=False)
+
+
+class DeviceChoice(str, Enum):
+    """Where ``extract`` runs the forward pass."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class AmpChoice(str, Enum):
+    """Mixed precision for the forward pass (CUDA only)."""
+
+    off = "off"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class DtypeChoice(str, Enum):
+    """Storage dtype of cached features (statistics are always float64)."""
+
+    float32 = "float32"
+    float16 = "float16"
+
+
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Built-in architecture, e.g. 'resnet18:num_classes=10' or "
+        "'mlp:in_dim=784,widths=256-256,num_classes=10,head_depth=2'.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Import string 'pkg.module:factory' returning the nn.Module."),
+]
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        help="'auto' (penultimate feature + deep linear head + classifier) or module names / "
+        "globs, comma-separated ('layer4,head.*'; add 'auto' to keep the head too).",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow full unpickling of the checkpoint (can execute code: trusted files only).",
+    ),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train, test, ...")]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="Input normalisation: 'mean=a,b,c;std=d,e,f', a preset (cifar10, cifar100, "
+        "mnist, imagenet) or 'auto'.",
+    ),
+]
+
+
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join(["nccli", *sys.argv[1:]])
+
+
+@app.command(rich_help_panel="Extract")
+def extract(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints: state dicts (.pt/.pth/.bin), safetensors, TorchScript, "
+            "torch.export .pt2."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Dataset: data.npz, x.npy,y.npy, file.h5:/x,/y, a CIFAR/MNIST/image-folder "
+            "directory, or pkg.module:factory.",
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Directory for the caches (<checkpoint stem>.h5).")
+    ],
+    arch: ArchOpt = None,
+    model: ModelOpt = None,
+    layers: LayersOpt = "auto",
+    device: Annotated[
+        DeviceChoice, typer.Option("--device", help="auto = cuda, then mps, then cpu.")
+    ] = DeviceChoice.auto,
+    amp: Annotated[
+        AmpChoice, typer.Option("--amp", help="Autocast the forward pass (CUDA only).")
+    ] = AmpChoice.off,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")
+    ] = 256,
+    dtype: Annotated[
+        DtypeChoice,
+        typer.Option("--dtype", help="Storage dtype of cached features; statistics are float64."),
+    ] = DtypeChoice.float32,
+    split: SplitOpt = "train",
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Use this many samples, evenly spaced."),
+    ] = None,
+    normalize: NormalizeOpt = None,
+    num_workers: Annotated[
+        int,
+        typer.Option(
+            "--num-workers",
+            min=0,
+            help="Load batches in a background thread, 2×N batches ahead (0: inline).",
+        ),
+    ] = 0,
+    trust_checkpoint: TrustOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted extraction from its .partial file."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Redo caches that are already finished.")
+    ] = False,
+) -> None:
+    """Run checkpoints over a dataset; cache features, logits and statistics (HDF5).
+
+    Prints the cache paths on stdout; progress and notes go to stderr.
+    """
+    from nccli.extract import extract as run_extract
+
+    with user_errors():
+        paths = run_extract(
+            [str(p) for p in checkpoints],
+            data,
+            arch=arch,
+            model=model,
+            out_dir=out_dir,
+            layers=layers,
+            device=device.value,
+            amp=amp.value,
+            batch_size=batch_size,
+            feature_dtype=dtype.value,
+            split=split,
+            limit=limit,
+            normalize=normalize,
+            trust_checkpoint=trust_checkpoint,
+            resume=resume,
+            overwrite=overwrite,
+            num_workers=num_workers,
+            progress=not STATE.quiet,
+            command=_command_line(),
+        )
+        for p in paths:
+            typer.echo(str(p))
+
+
+@app.command(rich_help_panel="Extract")
+def info(
+    path: Annotated[Path, typer.Argument(help="An nccli cache (.h5 / .partial) or a checkpoint.")],
+    arch: ArchOpt = None,
+    model: ModelOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Dataset for the probe batch (else the model's input shape)."
+        ),
+    ] = None,
+    split: SplitOpt = "train",
+    normalize: NormalizeOpt = None,
+    layers: LayersOpt = "auto",
+    trust_checkpoint: TrustOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint."""
+    import json
+
+    from rich.table import Table
+
+    from nccli.extract import describe_cache, describe_checkpoint
+    from nccli.io.cache import is_cache
+
+    with user_errors():
+        if not path.exists():
+            from nccli.errors import DataError
+
+            raise DataError(f"{path}: no such file")
+        if path.name.endswith(".partial") or is_cache(path):
+            desc = describe_cache(path)
+            head = dict(desc["attrs"])
+            if not desc["complete"]:
+                head = {"status": "unfinished (extract --resume continues it)", **head}
+        else:
+            desc = describe_checkpoint(
+                path,
+                arch=arch,
+                model=model,
+                data=data,
+                split=split,
+                normalize=normalize,
+                layers=layers,
+                trust_checkpoint=trust_checkpoint,
+            )
+            head = {k: v for k, v in desc.items() if k != "layers"}
+        if as_json:
+            typer.echo(json.dumps(desc, indent=2, default=str))
+            return
+        console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+        attrs = Table(show_header=False, title=_info_cell(path), title_justify="left")
+        attrs.add_column(style="bold")
+        attrs.add_column(overflow="fold")
+        for k, v in head.items():
+            attrs.add_row(_info_cell(k), _info_cell(v))
+        console.print(attrs)
+        rows = desc["layers"]
+        cols = [c for c in _INFO_COLUMNS if any(c in r for r in rows)]
+        table = Table(header_style="bold")
+        for c in cols:
+            table.add_column(c)
+        for row in rows:
+            table.add_row(*(_info_cell(row.get(c)) for c in cols))
+        console.print(table)
+
+
+_INFO_COLUMNS = ("name", "module", "io", "depth", "role", "dim", "dtype", "weight", "bias", "stats")
+
+
+def _info_cell(value: object) -> str:
+    from rich.markup import escape
+
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "x".join(map(str, value))
+    return escape(str(value))
 
 
 @app.command("metrics", rich_help_panel="Utils")
