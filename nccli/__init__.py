@@ -5,14 +5,18 @@ Python API::
     from nccli import ClassStats, measure
     st = ClassStats.from_arrays(features, labels)
     df = measure("cache/ep200.h5")          # tidy DataFrame: source, epoch, layer, metric, value
+    extract(["ep200.pt"], "data.npz", arch="mlp:...", out_dir="cache/")
+    result = compare(["cache/ep010.h5", "cache/ep200.h5"])   # trajectory + thresholds
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from nccli.compare import compare  # noqa: E402
 from nccli.errors import NCError  # noqa: E402
+from nccli.extract import extract  # noqa: E402
 from nccli.measure import measure  # noqa: E402
 from nccli.stats import ClassStats  # noqa: E402
 
-__all__ = ["ClassStats", "NCError", "__version__", "measure"]
+__all__ = ["ClassStats", "NCError", "__version__", "compare", "extract", "measure"]

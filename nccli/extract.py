@@ -611,23 +611,10 @@ def _row_range(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
 def _iter_rows(
     ds: Any, start: int, stop: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-    """Batches of dataset positions ``start:stop``, aligned to multiples of ``batch_size``
-    counted from ``start`` (so a resumed run folds the same batches as an uninterrupted
-    one).  Rows before ``start`` are read and dropped: the dataset API starts at 0."""
+    """Batches of dataset positions ``start:stop`` (rows before ``start`` are not read)."""
     if start >= stop:
         return
-    pos = 0
-    for x, y, idx in ds.iter_batches(batch_size):
-        n = len(idx)
-        lo, hi = max(start - pos, 0), min(stop - pos, n)
-        pos += n
-        if hi <= 0 or lo >= n:
-            if pos >= stop:
-                return
-            continue
-        yield (x, y, idx) if (lo, hi) == (0, n) else (x[lo:hi], y[lo:hi], idx[lo:hi])
-        if pos >= stop:
-            return
+    yield from ds.iter_batches(batch_size, start, stop)
 
 
 def _prefetch(it: Iterator[Any], depth: int, prepare: Callable[[Any], Any]) -> Iterator[Any]:

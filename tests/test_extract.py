@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import h5py
@@ -10,13 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-import nccli.extract as ex
 from nccli import zoo
 from nccli.errors import CacheError, DataError, UsageError
 from nccli.extract import extract
 from nccli.io.cache import Cache
 from nccli.io.sources import CacheSource
 from nccli.stats import ClassStats
+
+ex = importlib.import_module("nccli.extract")  # the package re-exports the extract() function
 
 K, D, N = 3, 6, 90
 ARCH = f"mlp:in_dim={D},widths=10-,num_classes={K},head_depth=2,head_width=8"

@@ -118,7 +118,11 @@ class CacheWriter:
                 self._check_resumable()
             else:
                 self.h5 = h5py.File(self.tmp, "w")
-                self._create()
+                try:
+                    self._create()
+                except BaseException:
+                    self.abort()  # never leave a half-created file behind
+                    raise
         except OSError as exc:
             raise DataError(
                 f"{self.tmp}: cannot write the cache ({exc.strerror or exc}); "
@@ -149,7 +153,7 @@ class CacheWriter:
         for k, v in {**base, **self.attrs}.items():
             if v is None:
                 continue
-            f.attrs[k] = v
+            f.attrs[k] = str(v) if isinstance(v, str) else v  # str subclasses (torch version)
         N, K = self.num_samples, self.num_classes
         rows = max(1, min(self.chunk_rows, N))
         f.create_dataset("labels", shape=(N,), dtype="int64")

@@ -307,10 +307,11 @@ class ArrayDataset:
         self._closers.clear()
 
     def iter_batches(
-        self, batch_size: int
+        self, batch_size: int, start: int = 0, stop: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
-        """Yield ``(x float32, y int64, indices)`` over the selection, in index order."""
-        for x, idx, pos in self._raw_batches(batch_size):
+        """Yield ``(x float32, y int64, indices)`` over selection positions
+        ``start:stop`` (all by default), in index order; rows before ``start`` are not read."""
+        for x, idx, pos in self._raw_batches(batch_size, start, stop):
             if self._mean is not None and self._std is not None:
                 x -= self._mean
                 x /= self._std
@@ -345,11 +346,15 @@ class ArrayDataset:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _raw_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    def _raw_batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
-        for pos in range(0, len(self.indices), batch_size):
-            idx = self.indices[pos : pos + batch_size]
+        n = len(self.indices)
+        stop = n if stop is None else max(0, min(int(stop), n))
+        for pos in range(max(0, int(start)), stop, batch_size):
+            idx = self.indices[pos : min(pos + batch_size, stop)]
             yield self._convert(self._source.read(idx), idx), idx, pos
 
     def _convert(self, raw: np.ndarray, idx: np.ndarray) -> np.ndarray:

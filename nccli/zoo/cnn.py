@@ -69,6 +69,7 @@ class ResNet18(nn.Module):
     ) -> None:
         super().__init__()
         _check("resnet18", num_classes, in_channels, width)
+        self.nccli_input_shape = (in_channels, 32, 32)  # CIFAR-sized probe for `nccli info`
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
@@ -121,6 +122,7 @@ class VGG(nn.Module):
         if depth not in _VGG_CFG:
             raise UsageError(f"vgg: depth must be one of {sorted(_VGG_CFG)}, got {depth}")
         _check(f"vgg{depth}", num_classes, in_channels, width)
+        self.nccli_input_shape = (in_channels, 32, 32)  # CIFAR-sized probe for `nccli info`
         layers: list[nn.Module] = []
         c = in_channels
         for v in _VGG_CFG[depth]:

@@ -41,6 +41,8 @@ class MLP(nn.Module):
             )
         self.flatten = nn.Flatten()
         blocks: list[nn.Module] = []
+        #: one sample's input shape, so `nccli info` can probe without --data
+        self.nccli_input_shape = (in_dim,)
         d = in_dim
         for w in widths:
             blocks += [nn.Linear(d, w), nn.ReLU()]
