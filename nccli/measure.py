@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from nccli import analyses
 from nccli.errors import UsageError
 from nccli.io.sources import LayerView, Source, open_sources
 from nccli.metrics import METRICS, MetricSet, Undefined, compute_metrics, nc4_pass, select_metrics
@@ -38,6 +39,12 @@ class MeasureOptions:
     chunk_rows: int = 8192
     num_classes: int | None = None
     notes: list[str] = field(default_factory=list)
+    # seed-paper analyses (nccli.analyses): training setup of the run, --geometry rows
+    loss: str | None = None  # "ce" | "mse" | None (unknown)
+    wd_features: float | None = None  # λ_H of the unconstrained-feature loss
+    wd_classifier: float | None = None  # λ_W (also the ridge λ of the MSE decomposition)
+    head_depth: int | None = None  # M; None: the number of linear layers in the cached chain
+    geometry: bool = False
 
 
 def select_layers(source: Source, patterns: Sequence[str] | None) -> list[LayerView]:
@@ -97,6 +104,7 @@ def per_class_table(view: LayerView, stats: Any, center: str = "global") -> dict
 #: extra per-layer metric providers: ``fn(view, stats, options) -> MetricSet``; other modules
 #: (deep-linear analysis, MSE decomposition) register here so ``measure`` stays one loop.
 LAYER_PROVIDERS: list[Callable[[LayerView, Any, MeasureOptions, list[LayerView]], MetricSet]] = []
+LAYER_PROVIDERS.append(analyses.layer_metrics)
 
 
 def measure_layer(
@@ -191,7 +199,10 @@ def measure_sources(
             if opts.per_class:
                 stats = view.stats(recompute=False)
                 table = per_class_table(view, stats, opts.center)
-                for metric in PER_CLASS_METRICS:
+                table = analyses.per_class_predictions(
+                    view, stats, opts, list(src.layers.values()), table
+                )
+                for metric in table:
                     for k, v in enumerate(table[metric]):
                         rows.append(
                             {
@@ -203,11 +214,19 @@ def measure_sources(
                                 "value": float(v),
                             }
                         )
-    cols = TIDY_COLUMNS if not opts.per_class else [*TIDY_COLUMNS[:3], "class", *TIDY_COLUMNS[3:]]
+            if opts.geometry:
+                stats = view.stats(recompute=False)
+                for row in analyses.cosine_rows(view, stats, opts):
+                    rows.append(
+                        {"source": src.label, "epoch": src.epoch, "layer": view.name, **row}
+                    )
+    extra = ["class"] if opts.per_class or opts.geometry else []
+    extra += ["class2"] if opts.geometry else []
+    cols = [*TIDY_COLUMNS[:3], *extra, *TIDY_COLUMNS[3:]]
     df = pd.DataFrame(rows, columns=cols)
     df["epoch"] = df["epoch"].astype("Int64")
-    if opts.per_class:
-        df["class"] = df["class"].astype("Int64")
+    for col in extra:
+        df[col] = df[col].astype("Int64")
     df.attrs["notes"] = list(opts.notes)
     df.attrs["center"] = opts.center
     return df
@@ -223,13 +242,21 @@ def measure(
     recompute: bool = False,
     num_classes: int | None = None,
     chunk_rows: int = 8192,
+    loss: str | None = None,
+    wd_features: float | None = None,
+    wd_classifier: float | None = None,
+    head_depth: int | None = None,
+    geometry: bool = False,
 ) -> pd.DataFrame:
     """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
 
     >>> df = measure("cache/ep200.h5", metrics="nc1,nc4")        # doctest: +SKIP
     >>> df.pivot_table(index="layer", columns="metric", values="value")  # doctest: +SKIP
 
-    ``df.attrs["notes"]`` lists why any value is ``nan``.
+    ``df.attrs["notes"]`` lists why any value is ``nan``.  ``loss`` (``"ce"``/``"mse"``),
+    ``wd_features``, ``wd_classifier`` and ``head_depth`` describe the training run for the
+    seed-paper analyses (:mod:`nccli.analyses`); ``geometry`` adds the cosine-matrix rows
+    (``class``, ``class2``, metric ``cos_means`` / ``cos_classifier``).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -245,7 +272,13 @@ def measure(
         recompute=recompute,
         chunk_rows=chunk_rows,
         num_classes=num_classes,
+        loss=loss,
+        wd_features=wd_features,
+        wd_classifier=wd_classifier,
+        head_depth=head_depth,
+        geometry=geometry,
     )
+    analyses.validate_options(opts)
     sources = open_sources(list(paths), num_classes=num_classes)
     try:
         return measure_sources(sources, opts)

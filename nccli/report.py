@@ -72,7 +72,7 @@ def fmt_value(v: object) -> str:
 
 def wide(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (source, epoch, layer[, class]), one column per metric, metric order kept."""
-    index = [c for c in ("source", "epoch", "layer", "class") if c in df.columns]
+    index = [c for c in ("source", "epoch", "layer", "class", "class2") if c in df.columns]
     order = list(dict.fromkeys(df["metric"]))
     out = df.pivot_table(index=index, columns="metric", values="value", dropna=False, sort=False)
     out = out.reindex(columns=order).reset_index()
@@ -141,6 +141,8 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
         console.print(table)
     if "class" in df.columns:
         per = df[df["class"].notna()]
+        if "class2" in df.columns:  # cosine-matrix rows are drawn as heatmaps below
+            per = per[per["class2"].isna()]
         for (source, layer), part in per.groupby(["source", "layer"], sort=False):
             w = part.pivot_table(index="class", columns="metric", values="value", sort=False)
             table = Table(title=f"{source} · {layer} · per class", title_justify="left")
@@ -150,3 +152,43 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
             for k, row in w.iterrows():
                 table.add_row(str(k), *[fmt_value(float(row[c])) for c in w.columns])
             console.print(table)
+    if "class2" in df.columns:
+        render_cosine_heatmaps(df[df["class2"].notna()], console)
+
+
+def _cos_style(v: float) -> str:
+    """Background for a cosine in [-1, 1]: blue (-1) → white (0) → red (+1)."""
+    if not math.isfinite(v):
+        return "dim"
+    a = max(-1.0, min(1.0, v))
+    if a >= 0:
+        r, g, b = 255, int(255 * (1 - a)), int(255 * (1 - a))
+    else:
+        r, g, b = int(255 * (1 + a)), int(255 * (1 + a)), 255
+    fg = "white" if abs(a) > 0.6 else "black"
+    return f"{fg} on rgb({r},{g},{b})"
+
+
+def render_cosine_heatmaps(df: pd.DataFrame, console: Console) -> None:
+    """Cosine matrices (rows ``class``, ``class2``, metric ``cos_means``/``cos_classifier``)
+    as colour heatmaps: blue = -1, white = 0, red = +1; a simplex ETF shows a uniform pale
+    blue off-diagonal (``-1/(K-1)``), an orthogonal frame a white one."""
+    titles = {
+        "cos_means": "cosines of centred class means",
+        "cos_classifier": "cosines of classifier rows",
+    }
+    for (source, layer, metric), part in df.groupby(["source", "layer", "metric"], sort=False):
+        mat = part.pivot(index="class", columns="class2", values="value").sort_index()
+        console.print(f"[bold]{source} · {layer} · {titles.get(metric, metric)}[/bold]")
+        table = Table(header_style="bold")
+        table.add_column("class", justify="right")
+        for col in mat.columns:
+            table.add_column(str(col), justify="right")
+        for k, row in mat.iterrows():
+            cells = []
+            for col in mat.columns:
+                v = float(row[col])
+                text = "nan" if not math.isfinite(v) else f"{v:+.2f}"
+                cells.append(f"[{_cos_style(v)}]{text}[/]")
+            table.add_row(str(k), *cells)
+        console.print(table)

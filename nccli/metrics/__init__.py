@@ -65,11 +65,23 @@ METRICS: dict[str, MetricInfo] = dict(
         _info("nc4", "nc4", "P[argmax(Wh+b) ≠ argmin_k ||h-μ_k||]", needs_classifier=True, needs_pass=True),
         _info("acc", "nc4", "P[argmax(Wh+b) = y]", higher_is_better=True, needs_classifier=True, needs_pass=True),
         _info("ncc_acc", "nc4", "P[argmin_k ||h-μ_k|| = y]", higher_is_better=True, needs_pass=True),
+        # seed-paper analyses (nccli.analyses): computed by a measure.LAYER_PROVIDERS entry
+        _info("of_maxcos_means", "geometry", "max_{k≠l} |cos(μ_k, μ_l)| (uncentred means)"),
+        _info("of_maxcos_classifier", "geometry", "max_{k≠l} |cos(w_k, w_l)|", needs_classifier=True),
+        _info("minority_collapse", "geometry", "mean_{k<l minority} cos(w_k, w_l)", needs_classifier=True),
+        _info("balancedness_l", "deep", "||W_{l+1}ᵀW_{l+1} - W_l W_lᵀ||_F / ||W_l W_lᵀ||_F"),
+        _info("cond_l", "deep", "s_1/s_{K-1} of centred means (s_1/s_K uncentred, bias-free)"),
+        _info("erank_l", "deep", "exp(entropy of eig(Σ_T)/Tr Σ_T) (Roy & Vetterli)"),
+        _info("mse_ls", "mse", "L(W_LS, b_LS): MSE of the ridge LS classifier", needs_classifier=True),
+        _info("mse_dev", "mse", "L(W,b) - L(W_LS,b_LS) = ½ΣΔ_kᵀAΔ_k", needs_classifier=True),
+        _info("mse_dev_frac", "mse", "mse_dev / (mse_ls + mse_dev)", needs_classifier=True),
     ]
 )  # fmt: skip
 
+#: families computed by :func:`compute_metrics` itself (the others come from providers)
+CORE_FAMILIES = ("nc1", "nc2", "nc3", "nc4")
 #: names accepted by ``--metrics`` besides metric names
-FAMILIES = ("nc1", "nc2", "nc3", "nc4")
+FAMILIES = (*CORE_FAMILIES, "geometry", "deep", "mse")
 
 
 class MetricSet(dict):
@@ -133,7 +145,11 @@ def compute_metrics(
     ``names`` restricts the output (default: every metric that needs no second pass).
     Classifier metrics without a classifier are ``nan`` with the reason.
     """
-    wanted = [n for n in (names or METRICS) if not METRICS[n].needs_pass]
+    wanted = [
+        n
+        for n in (names or METRICS)
+        if not METRICS[n].needs_pass and METRICS[n].family in CORE_FAMILIES
+    ]
     out = MetricSet()
     W = None
     if weight is not None:
