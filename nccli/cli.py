@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from nccli import __version__
+from nccli.analyses import Loss, ReportKind
 from nccli.compare import Across, By, RunFrom
 from nccli.errors import NCError, UsageError
 from nccli.report import OutputFormat
@@ -176,7 +177,8 @@ def measure(
         typer.Option(
             "--metrics",
             "-m",
-            help="Comma-separated metric names or families nc1..nc4 (default all).",
+            help="Comma-separated metric names or families nc1..nc4, geometry, deep, mse "
+            "(default: all that apply to each layer).",
         ),
     ] = None,
     per_class: Annotated[
@@ -209,12 +211,82 @@ def measure(
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
     output: OutOpt = None,
+    loss: Annotated[
+        Loss | None,
+        typer.Option(
+            "--loss",
+            help="Training loss of the run (ce | mse): selects the theory that applies; "
+            "mse adds the mse_* decomposition rows.",
+            rich_help_panel="Training setup",
+        ),
+    ] = None,
+    wd_features: Annotated[
+        float | None,
+        typer.Option(
+            "--wd-features",
+            help="Feature weight decay λ_H of the run (unconstrained-feature model).",
+            rich_help_panel="Training setup",
+            min=0.0,
+        ),
+    ] = None,
+    wd_classifier: Annotated[
+        float | None,
+        typer.Option(
+            "--wd-classifier",
+            help="Classifier weight decay λ_W of the run (also the ridge λ of mse_*).",
+            rich_help_panel="Training setup",
+            min=0.0,
+        ),
+    ] = None,
+    head_depth: Annotated[
+        int | None,
+        typer.Option(
+            "--head-depth",
+            help="Linear layers in the head incl. the classifier (default: the cached chain).",
+            rich_help_panel="Training setup",
+            min=1,
+        ),
+    ] = None,
+    geometry: Annotated[
+        bool,
+        typer.Option(
+            "--geometry",
+            help="Add the cosine matrices of centred means and classifier rows "
+            "(heatmaps in a table; rows with class, class2 in CSV/JSON).",
+        ),
+    ] = False,
+    report: Annotated[
+        ReportKind | None,
+        typer.Option(
+            "--report",
+            help="theory: each seed paper's hypotheses and predictions checked on the input.",
+        ),
+    ] = None,
 ) -> None:
     """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer."""
     from nccli.measure import measure as run_measure
 
     with user_errors():
         layers = [p.strip() for item in (layer or []) for p in item.split(",") if p.strip()]
+        setup = {
+            "loss": None if loss is None else loss.value,
+            "wd_features": wd_features,
+            "wd_classifier": wd_classifier,
+            "head_depth": head_depth,
+        }
+        if report is ReportKind.theory:
+            from nccli.theory import render_theory, theory_report
+
+            df = theory_report(
+                [str(p) for p in paths],
+                center=center,
+                recompute=recompute,
+                num_classes=num_classes,
+                chunk_rows=chunk_rows,
+                **setup,
+            )
+            emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
+            return
         df = run_measure(
             [str(p) for p in paths],
             layers=layers or None,
@@ -224,6 +296,8 @@ def measure(
             recompute=recompute,
             num_classes=num_classes,
             chunk_rows=chunk_rows,
+            geometry=geometry,
+            **setup,
         )
         emit(df, fmt, as_wide=as_wide, output=output)
         print_notes(df.attrs.get("notes", []))
