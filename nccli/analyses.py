@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from nccli.errors import UsageError
-from nccli.metrics import MetricSet
+from nccli.metrics import MetricSet, select_metrics
 from nccli.metrics import deep_linear as deep
 from nccli.metrics import geometry as geo
 from nccli.metrics import mse as mse_mod
@@ -130,6 +130,10 @@ def layer_metrics(view: Any, stats: Any, opts: Any, all_views: list[Any]) -> Met
     out = MetricSet()
     explicit = _explicit(opts)
     loss = getattr(opts, "loss", None)
+    # compute only what was asked for: mse_* and erank_l cost O(d³) each
+    wanted = set(select_metrics(getattr(opts, "metrics", None)))
+    if loss == "mse":
+        wanted |= {"mse_ls", "mse_dev", "mse_dev_frac"}
     center = getattr(opts, "center", "global")
     rtol = getattr(opts, "rtol", 1e-8)
     W = view.classifier_weight
@@ -138,6 +142,8 @@ def layer_metrics(view: Any, stats: Any, opts: Any, all_views: list[Any]) -> Met
     bias_free = deep.head_is_bias_free(view)
 
     def put(name: str, fn: Callable[[], float], shown: bool = True, why: str = "") -> None:
+        if name not in wanted:
+            return
         if shown:
             out.put(name, fn)
         elif explicit:
@@ -147,12 +153,12 @@ def layer_metrics(view: Any, stats: Any, opts: Any, all_views: list[Any]) -> Met
     put("of_maxcos_means", lambda: geo.of_maxcos_means(stats))
     if W is not None:
         put("of_maxcos_classifier", lambda: geo.of_maxcos_classifier(W))
-    else:
+    elif "of_maxcos_classifier" in wanted:
         out.undefined("of_maxcos_classifier", no_cls)
 
     if W is None:
         put("minority_collapse", lambda: 0.0, False, no_cls)
-    elif explicit or _minority_shown(stats.counts, loss):
+    elif "minority_collapse" in wanted and (explicit or _minority_shown(stats.counts, loss)):
         out.put("minority_collapse", lambda: geo.minority_collapse(W, stats.counts))
 
     if pos is not None and pos >= 1:
@@ -171,7 +177,7 @@ def layer_metrics(view: Any, stats: Any, opts: Any, all_views: list[Any]) -> Met
     if W is None:
         for name in ("mse_ls", "mse_dev", "mse_dev_frac"):
             put(name, lambda: 0.0, False, no_cls)
-    elif explicit or loss == "mse":
+    elif wanted & {"mse_ls", "mse_dev", "mse_dev_frac"} and (explicit or loss == "mse"):
         lam = getattr(opts, "wd_classifier", None) or 0.0
         try:
             dec = mse_mod.mse_decomposition(

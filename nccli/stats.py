@@ -136,47 +136,77 @@ class ClassStats:
         self._means = torch.zeros(K, d, dtype=torch.float64, device=dev)
         self._scatter = torch.zeros(d, d, dtype=torch.float64, device=dev)
         self._class_ss = torch.zeros(K, dtype=torch.float64, device=dev)
+        self._memo: dict[Any, Any] = {}
         return self
+
+    def memo(self, key: Any, fn: Any) -> Any:
+        """Derived quantity ``fn()`` computed once per state (cleared by update / merge).
+
+        Metrics share expensive pieces (the symmetric scatter, the SVD of the centred
+        means) through this, so a full ``measure`` factorises each matrix once.
+        """
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = fn()
+            return value
+
+    def _frozen(self, key: str, fn: Any) -> np.ndarray:
+        def make() -> np.ndarray:
+            arr = np.array(fn(), copy=True)
+            arr.flags.writeable = False  # shared between metrics: nobody may edit it
+            return arr
+
+        return self.memo(key, make)
 
     @property
     def n(self) -> int:
         """Total number of samples ``N``."""
         return int(self._counts.sum().item())
 
+    # The numpy views below are computed once per state and read-only.
     @property
     def counts(self) -> np.ndarray:
         """``n_k`` as an int64 numpy array (K,)."""
-        return self._counts.cpu().numpy()
+        return self._frozen("counts", lambda: self._counts.cpu().numpy())
 
     @property
     def means(self) -> np.ndarray:
         """Class means ``μ_k`` as a float64 numpy array (K, d); rows of empty classes are 0."""
-        return self._means.cpu().numpy()
+        return self._frozen("means", lambda: self._means.cpu().numpy())
 
     @property
     def scatter(self) -> np.ndarray:
         """Pooled within-class scatter ``S_W = N·Σ_W`` (d, d), float64, symmetric."""
-        s = self._scatter
-        return (0.5 * (s + s.T)).cpu().numpy()
+
+        def sym() -> np.ndarray:
+            s = self._scatter
+            return (0.5 * (s + s.T)).cpu().numpy()
+
+        return self._frozen("scatter", sym)
 
     @property
     def class_ss(self) -> np.ndarray:
         """Per-class sum of squared distances to the class mean, ``n_k σ_k²`` (K,)."""
-        return self._class_ss.cpu().numpy()
+        return self._frozen("class_ss", lambda: self._class_ss.cpu().numpy())
 
     def global_mean(self, center: str = "global") -> np.ndarray:
         """``μ_G``: sample-weighted (``"global"``) or the plain mean of the non-empty class
         means (``"classmean"``)."""
-        counts = self.counts
-        means = self.means
-        present = counts > 0
-        if not present.any():
-            return np.zeros(self.dim)
-        if center == "classmean":
-            return means[present].mean(axis=0)
-        if center != "global":
+        if center not in ("global", "classmean"):
             raise UsageError(f"unknown centring {center!r}: use 'global' or 'classmean'")
-        return (counts[present, None] * means[present]).sum(axis=0) / counts.sum()
+
+        def compute() -> np.ndarray:
+            counts = self.counts
+            means = self.means
+            present = counts > 0
+            if not present.any():
+                return np.zeros(self.dim)
+            if center == "classmean":
+                return means[present].mean(axis=0)
+            return (counts[present, None] * means[present]).sum(axis=0) / counts.sum()
+
+        return self._frozen(("global_mean", center), compute)
 
     # ----------------------------------------------------------------- update
     def _check_batch(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,6 +289,7 @@ class ClassStats:
                 self._scatter += cross.T @ cross
         self._class_ss += ss_b + w * (delta * delta).sum(dim=1)
         self._counts = n
+        self._memo = {}
 
     # ------------------------------------------------------------- builders
     @classmethod
@@ -306,6 +337,7 @@ class ClassStats:
         self.device = torch.device(device)
         for name in ("_counts", "_means", "_scatter", "_class_ss"):
             setattr(self, name, getattr(self, name).to(self.device))
+        self._memo = {}
         return self
 
     # ------------------------------------------------------------------ HDF5

@@ -435,8 +435,10 @@ def test_registry_and_default_selection(ce_npz):
         assert all(METRICS[n].family == fam for n in names)
     df = measure(ce_npz)
     shown = set(df.metric)
-    assert {"of_maxcos_means", "of_maxcos_classifier", "cond_l", "erank_l"} <= shown
-    assert not shown & {"mse_ls", "minority_collapse", "balancedness_l"}
+    assert {"of_maxcos_means", "of_maxcos_classifier", "cond_l"} <= shown
+    # erank_l is O(d³) per layer: computed on request only
+    assert not shown & {"mse_ls", "minority_collapse", "balancedness_l", "erank_l"}
+    assert "erank_l" in set(measure(ce_npz, metrics="erank_l").metric)
     mse = measure(ce_npz, loss="mse").set_index("metric")["value"]
     assert {"mse_ls", "mse_dev", "mse_dev_frac"} <= set(mse.index)
     # explicit selection: every name, nan with a reason where it does not apply

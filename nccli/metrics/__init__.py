@@ -40,6 +40,8 @@ class MetricInfo:
     higher_is_better: bool = False
     needs_classifier: bool = False
     needs_pass: bool = False
+    #: part of the default selection; off for metrics that cost O(d³) per layer
+    default: bool = True
 
 
 def _info(name: str, family: str, formula: str, **kw: bool) -> tuple[str, MetricInfo]:
@@ -71,7 +73,7 @@ METRICS: dict[str, MetricInfo] = dict(
         _info("minority_collapse", "geometry", "mean_{k<l minority} cos(w_k, w_l)", needs_classifier=True),
         _info("balancedness_l", "deep", "||W_{l+1}ᵀW_{l+1} - W_l W_lᵀ||_F / ||W_l W_lᵀ||_F"),
         _info("cond_l", "deep", "s_1/s_{K-1} of centred means (s_1/s_K uncentred, bias-free)"),
-        _info("erank_l", "deep", "exp(entropy of eig(Σ_T)/Tr Σ_T) (Roy & Vetterli)"),
+        _info("erank_l", "deep", "exp(entropy of eig(Σ_T)/Tr Σ_T) (Roy & Vetterli)", default=False),
         _info("mse_ls", "mse", "L(W_LS, b_LS): MSE of the ridge LS classifier", needs_classifier=True),
         _info("mse_dev", "mse", "L(W,b) - L(W_LS,b_LS) = ½ΣΔ_kᵀAΔ_k", needs_classifier=True),
         _info("mse_dev_frac", "mse", "mse_dev / (mse_ls + mse_dev)", needs_classifier=True),
@@ -107,9 +109,13 @@ class MetricSet(dict):
 
 
 def select_metrics(spec: str | Iterable[str] | None) -> list[str]:
-    """Expand ``--metrics`` (comma-separated names or families; ``all`` / None = all)."""
+    """Expand ``--metrics`` (comma-separated names or families, ``all`` = every metric).
+
+    ``None`` is the default selection: every metric except those marked ``default=False``
+    (``erank_l``, an O(d³) eigenvalue problem per layer), which are computed on request.
+    """
     if spec is None:
-        return list(METRICS)
+        return [n for n, info in METRICS.items() if info.default]
     items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     items = [s for s in items if s]
     if not items or items == ["all"]:
@@ -158,22 +164,26 @@ def compute_metrics(
     def means() -> np.ndarray:
         return nc.centred_means(stats, center)
 
+    def mean_vectors() -> nc.Vectors:
+        return stats.memo(("vectors", center), lambda: nc.Vectors(means(), "centred class mean"))
+
     calc: dict[str, Callable[[], float]] = {
         "nc1": lambda: nc.nc1(stats, center, rtol),
         "nc1_trace": lambda: nc.nc1_trace(stats, center),
         "cdnv": lambda: nc.cdnv(stats),
-        "nc2_equinorm_means": lambda: nc.equinorm(means(), "centred class mean"),
-        "nc2_equiangular_means": lambda: nc.equiangular(means(), "centred class mean"),
-        "nc2_maxangle_means": lambda: nc.maxangle(means(), "centred class mean"),
-        "nc2_etf_dist_means": lambda: nc.etf_dist(means(), "centred class mean"),
+        "nc2_equinorm_means": lambda: nc.equinorm(mean_vectors()),
+        "nc2_equiangular_means": lambda: nc.equiangular(mean_vectors()),
+        "nc2_maxangle_means": lambda: nc.maxangle(mean_vectors()),
+        "nc2_etf_dist_means": lambda: nc.etf_dist(mean_vectors()),
     }
     if W is not None:
+        rows = nc.Vectors(W, "classifier row")  # one Gram for the four classifier metrics
         calc.update(
             {
-                "nc2_equinorm_classifier": lambda: nc.equinorm(W, "classifier row"),
-                "nc2_equiangular_classifier": lambda: nc.equiangular(W, "classifier row"),
-                "nc2_maxangle_classifier": lambda: nc.maxangle(W, "classifier row"),
-                "nc2_etf_dist_classifier": lambda: nc.etf_dist(W, "classifier row"),
+                "nc2_equinorm_classifier": lambda: nc.equinorm(rows),
+                "nc2_equiangular_classifier": lambda: nc.equiangular(rows),
+                "nc2_maxangle_classifier": lambda: nc.maxangle(rows),
+                "nc2_etf_dist_classifier": lambda: nc.etf_dist(rows),
                 "nc3": lambda: nc.nc3(W, means()),
                 "nc3_cos": lambda: nc.nc3_cos(W, means()),
             }

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nccli.metrics.nc import Undefined, _present
+from nccli.metrics.nc import Undefined, _present, means_svd
 from nccli.stats import ClassStats
 
 __all__ = [
@@ -115,12 +115,15 @@ def cond(
     mu = stats.means[present]
     K = mu.shape[0]
     if bias_free:
-        V, r, what = mu, K, "uncentred class means"
+        r, what = K, "uncentred class means"
     else:
-        V, r, what = mu - stats.global_mean(center), K - 1, "centred class means"
+        r, what = K - 1, "centred class means"
     if stats.dim < r:
         raise Undefined(f"the layer has d={stats.dim} < {r} dimensions, the {what} cannot span {r}")
-    s = np.linalg.svd(V, compute_uv=False)
+    if bias_free:
+        s = np.linalg.svd(mu, compute_uv=False)
+    else:
+        s = means_svd(stats, center)[1]  # shared with nc1
     if s.size < r or s[0] <= 0:
         raise Undefined(f"the {what} are all zero")
     if s[r - 1] <= rtol * s[0]:

@@ -36,9 +36,27 @@ def _present(stats: ClassStats) -> np.ndarray:
 
 
 def centred_means(stats: ClassStats, center: str = "global") -> np.ndarray:
-    """``M = [μ_k - μ_G]`` as a (K', d) array over the K' classes that have samples."""
+    """``M = [μ_k - μ_G]`` as a (K, d) array (read-only; every class must have samples)."""
     present = _present(stats)
-    return stats.means[present] - stats.global_mean(center)
+
+    def compute() -> np.ndarray:
+        M = stats.means[present] - stats.global_mean(center)
+        M.flags.writeable = False
+        return M
+
+    return stats.memo(("centred_means", center), compute)
+
+
+def means_svd(stats: ClassStats, center: str = "global") -> tuple[np.ndarray, np.ndarray]:
+    """Thin SVD of the d×K centred means, ``M = Q S Vᵀ``: ``(Q, s)``, computed once per state
+    and shared by ``nc1`` and ``cond_l``."""
+    M = centred_means(stats, center)
+
+    def compute() -> tuple[np.ndarray, np.ndarray]:
+        Q, s, _ = np.linalg.svd(M.T, full_matrices=False)
+        return Q, s
+
+    return stats.memo(("means_svd", center), compute)
 
 
 def nc1(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> float:
@@ -48,8 +66,7 @@ def nc1(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> float:
     ``rtol·s_max`` dropped), ``Σ_B⁺ = K Q S⁻² Qᵀ`` and so
     ``nc1 = Tr(S⁻² Qᵀ Σ_W Q)``: a d×r product, never a d×d inverse.
     """
-    M = centred_means(stats, center).T  # d × K
-    Q, s, _ = np.linalg.svd(M, full_matrices=False)
+    Q, s = means_svd(stats, center)
     if s.size == 0 or s[0] <= 0:
         raise Undefined("all class means coincide (Σ_B = 0)")
     keep = s > rtol * s[0]
@@ -90,12 +107,46 @@ def cdnv(stats: ClassStats) -> float:
     return float(np.mean((var[k] + var[l]) / (2.0 * d2)))
 
 
-def _cosines(V: np.ndarray, what: str) -> np.ndarray:
-    norms = np.linalg.norm(V, axis=1)
-    if np.any(norms <= 0):
-        raise Undefined(f"a {what} vector has zero norm")
-    U = V / norms[:, None]
-    return U @ U.T
+class Vectors:
+    """K vectors (rows) with their norms, Gram and cosine matrices computed once.
+
+    The NC2 functions accept either a plain (K, d) array or a ``Vectors``; ``compute_metrics``
+    passes one per vector set so four metrics share one K×K×d product.
+    """
+
+    def __init__(self, V: np.ndarray, what: str = "vector") -> None:
+        self.V = np.asarray(V, dtype=np.float64)
+        self.what = what
+        self._gram: np.ndarray | None = None
+
+    @property
+    def K(self) -> int:
+        return self.V.shape[0]
+
+    @property
+    def gram(self) -> np.ndarray:
+        if self._gram is None:
+            self._gram = self.V @ self.V.T
+        return self._gram
+
+    @property
+    def norms(self) -> np.ndarray:
+        return np.linalg.norm(self.V, axis=1)
+
+    @property
+    def cosines(self) -> np.ndarray:
+        norms = self.norms
+        if np.any(norms <= 0):
+            raise Undefined(f"a {self.what} vector has zero norm")
+        return self.gram / np.outer(norms, norms)
+
+
+def _vectors(V: np.ndarray | Vectors, what: str) -> Vectors:
+    return V if isinstance(V, Vectors) else Vectors(V, what)
+
+
+def _cosines(V: np.ndarray | Vectors, what: str) -> np.ndarray:
+    return _vectors(V, what).cosines
 
 
 def _offdiag(G: np.ndarray) -> np.ndarray:
@@ -108,35 +159,38 @@ def simplex_etf_gram(K: int) -> np.ndarray:
     return K / (K - 1) * (np.eye(K) - np.ones((K, K)) / K)
 
 
-def equinorm(V: np.ndarray, what: str = "vector") -> float:
+def equinorm(V: np.ndarray | Vectors, what: str = "vector") -> float:
     """``std_k ||v_k|| / mean_k ||v_k||`` (population std)."""
-    norms = np.linalg.norm(V, axis=1)
+    norms = _vectors(V, what).norms
     if norms.mean() <= 0:
         raise Undefined(f"every {what} has zero norm")
     return float(norms.std() / norms.mean())
 
 
-def equiangular(V: np.ndarray, what: str = "vector") -> float:
+def equiangular(V: np.ndarray | Vectors, what: str = "vector") -> float:
     """``std_{k≠l} cos(v_k, v_l)`` over ordered pairs (population std)."""
-    if V.shape[0] < 2:
+    V = _vectors(V, what)
+    if V.K < 2:
         raise Undefined("fewer than two vectors")
     return float(np.std(_offdiag(_cosines(V, what))))
 
 
-def maxangle(V: np.ndarray, what: str = "vector") -> float:
+def maxangle(V: np.ndarray | Vectors, what: str = "vector") -> float:
     """``mean_{k≠l} |cos(v_k, v_l) + 1/(K-1)|``."""
-    K = V.shape[0]
+    V = _vectors(V, what)
+    K = V.K
     if K < 2:
         raise Undefined("fewer than two vectors")
     return float(np.mean(np.abs(_offdiag(_cosines(V, what)) + 1.0 / (K - 1))))
 
 
-def etf_dist(V: np.ndarray, what: str = "vector") -> float:
+def etf_dist(V: np.ndarray | Vectors, what: str = "vector") -> float:
     """``|| G/||G||_F - E/||E||_F ||_F`` with ``G = V Vᵀ`` the Gram matrix of the rows."""
-    K = V.shape[0]
+    V = _vectors(V, what)
+    K = V.K
     if K < 2:
         raise Undefined("fewer than two vectors")
-    G = V @ V.T
+    G = V.gram
     g = np.linalg.norm(G)
     if g <= 0:
         raise Undefined(f"every {what} has zero norm")
@@ -209,7 +263,7 @@ def nc4_pass(
     W = torch.as_tensor(Wn, device=dev)
     K = W.shape[0]
     b = torch.as_tensor(bn if bn is not None else np.zeros(K), device=dev)
-    mu = torch.as_tensor(stats.means, device=dev)
+    mu = torch.tensor(stats.means, device=dev)  # a copy: the shared array is read-only
     mu_sq = (mu * mu).sum(dim=1)
     mu_sq[torch.as_tensor(stats.counts == 0, device=dev)] = float("inf")
     both = torch.cat([W, mu], dim=0).T.contiguous()  # d × 2K: one GEMM per chunk
