@@ -468,6 +468,14 @@ class DeviceChoice(str, Enum):
     mps = "mps"
 
 
+class DistBackendChoice(str, Enum):
+    """Process-group backend of a torchrun extraction."""
+
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
 class AmpChoice(str, Enum):
     """Mixed precision for the forward pass (CUDA only)."""
 
@@ -586,10 +594,29 @@ def extract(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Redo caches that are already finished.")
     ] = False,
+    dist_backend: Annotated[
+        DistBackendChoice,
+        typer.Option(
+            "--dist-backend",
+            help="Under torchrun: process-group backend (auto = nccl on CUDA, gloo on CPU).",
+            rich_help_panel="Distributed (torchrun)",
+        ),
+    ] = DistBackendChoice.auto,
+    dist_timeout: Annotated[
+        float,
+        typer.Option(
+            "--dist-timeout",
+            min=0.1,
+            help="Under torchrun: minutes a rank waits for the others before failing.",
+            rich_help_panel="Distributed (torchrun)",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run checkpoints over a dataset; cache features, logits and statistics (HDF5).
 
-    Prints the cache paths on stdout; progress and notes go to stderr.
+    Prints the cache paths on stdout; progress and notes go to stderr.  Under
+    `torchrun --nproc-per-node G -m nccli extract ...` each rank writes a disjoint shard
+    <stem>.rank<r>.h5; measure reads the shard set as one cache.
     """
     from nccli.extract import extract as run_extract
 
@@ -614,6 +641,8 @@ def extract(
             num_workers=num_workers,
             progress=not STATE.quiet,
             command=_command_line(),
+            dist_backend=dist_backend.value,
+            dist_timeout=dist_timeout,
         )
         for p in paths:
             typer.echo(str(p))

@@ -592,6 +592,8 @@ class _Settings:
     overwrite: bool
     command: str
     notes: bool
+    rank: int = 0  # distributed extraction (nccli.distributed): this rank's shard
+    world_size: int = 1
 
 
 def _sha256(p: Path) -> str:
@@ -606,6 +608,20 @@ def _row_range(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
     """The contiguous, disjoint slice of ``n`` rows that ``rank`` of ``world_size`` takes
     (no padding duplicates: they would bias the statistics)."""
     return (n * rank) // world_size, (n * (rank + 1)) // world_size
+
+
+def _shard_attrs(cfg: _Settings, n: int) -> dict[str, int]:
+    """Root attributes of a distributed shard (none for a single-process run)."""
+    if cfg.world_size <= 1:
+        return {}
+    start, stop = _row_range(n, cfg.rank, cfg.world_size)
+    return {
+        "rank": cfg.rank,
+        "world_size": cfg.world_size,
+        "row_start": start,
+        "row_stop": stop,
+        "total_samples": n,
+    }
 
 
 def _iter_rows(
@@ -755,6 +771,7 @@ def _check_existing(path: Path, sha: str, ds: Any, split: str, cfg: _Settings) -
         "dataset_digest": ds.digest(),
         "split": split,
         "feature_dtype": cfg.feature_dtype,
+        **_shard_attrs(cfg, len(ds)),
     }
     diff = [k for k, v in want.items() if attrs.get(k) != v]
     if diff:
@@ -782,6 +799,7 @@ def _check_partial(tmp: Path, sha: str, ds: Any, cfg: _Settings, layers: list[st
         "checkpoint_sha256": sha,
         "dataset_digest": ds.digest(),
         "feature_dtype": cfg.feature_dtype,
+        **_shard_attrs(cfg, len(ds)),
     }
     diff = [k for k, v in want.items() if attrs.get(k) != v]
     if have != sorted(layers):
@@ -847,7 +865,7 @@ class _Run:
                 f"{self.max_label} ({self.ds.num_classes} classes); check num_classes in "
                 "--arch/--model or the dataset"
             )
-        start, stop = _row_range(len(self.ds))
+        start, stop = _row_range(len(self.ds), cfg.rank, cfg.world_size)
         N = stop - start
         tmp = partial_path(out_path)
         names = [c.name for c in disc.layers]
@@ -876,6 +894,7 @@ class _Run:
             "head_depth": disc.head_depth if disc.head else None,
             "batch_size": cfg.batch_size,
             "row_start": start,
+            **_shard_attrs(cfg, len(self.ds)),
         }
 
         def open_writer(resume: bool) -> CacheWriter:
@@ -1035,7 +1054,8 @@ class _Run:
             )
         if task is not None:
             self.progress.update(task, visible=False)
-        return writer.finalize(stats)
+        # a shard is published only once every rank has finished (nccli.distributed)
+        return writer.finalize(stats, publish=cfg.world_size <= 1)
 
     @staticmethod
     def _to_host(
@@ -1138,6 +1158,9 @@ def extract(
     num_workers: int = 0,
     progress: bool = True,
     command: str | None = None,
+    distributed: bool | None = None,
+    dist_backend: str = "auto",
+    dist_timeout: float = 30.0,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
@@ -1150,11 +1173,28 @@ def extract(
     an interrupted run.  ``num_workers > 0`` loads (and pins) batches in a background
     thread, ``2·num_workers`` ahead.  ``progress=False`` silences stderr (bar and notes);
     the bar only shows on a terminal.  Returns the cache paths, in checkpoint order.
+
+    Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it; ``False``
+    ignores it) each rank extracts a disjoint shard into ``<stem>.rank<r>.h5`` and the
+    ranks' statistics are merged and checked on rank 0 (:mod:`nccli.distributed`);
+    ``dist_backend`` is ``auto``/``gloo``/``nccl``, ``dist_timeout`` the minutes a rank
+    waits for the others.  Returns this rank's shard paths then.
     """
     paths = _check_options(
         checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
     )
     dev = resolve_device(device)
+    from nccli import distributed as dist_mod
+
+    launch = dist_mod.detect() if distributed is not False else None
+    if distributed and launch is None:
+        raise UsageError(
+            "distributed=True but this process was not started by torchrun with WORLD_SIZE > 1"
+        )
+    group = None
+    if launch is not None:
+        group = dist_mod.setup(launch, dev, dist_backend, dist_timeout)
+        dev = group.device
     if amp != "off" and dev.type != "cuda":
         raise UsageError(
             f"--amp {amp} needs a CUDA device (this run uses {dev}); use --amp off or --device cuda"
@@ -1180,18 +1220,45 @@ def extract(
         overwrite=overwrite,
         command=command if command is not None else shlex.join(sys.argv),
         notes=progress,
+        rank=group.rank if group is not None else 0,
+        world_size=group.world_size if group is not None else 1,
     )
     written: list[Path] = []
-    ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
     try:
-        with _progress(progress) as bar:
+        ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+    try:
+        if group is not None and len(ds) < group.world_size:
+            raise UsageError(
+                f"{data}: {len(ds)} samples cannot be split over {group.world_size} ranks; "
+                "start fewer processes"
+            )
+        # one progress bar (rank 0's shard) under torchrun; every rank prints its notes
+        with _progress(progress and cfg.rank == 0) as bar:
             run = _Run(ds, str(data), split, cfg, bar, prefetch=2 * num_workers)
             for p in paths:
-                written.append(run.one(p, out / f"{p.stem}.h5"))
+                if group is None:
+                    written.append(run.one(p, out / f"{p.stem}.h5"))
+                    continue
+                written.append(
+                    dist_mod.run_checkpoint(
+                        group,
+                        lambda shard, p=p: run.one(p, shard),
+                        p,
+                        out / f"{p.stem}.h5",
+                        np.asarray(ds.labels),
+                        run.note if progress else lambda _: None,
+                    )
+                )
     finally:
         close = getattr(ds, "close", None)
         if close is not None:
             close()
+        if group is not None:
+            group.close()
     return written
 
 

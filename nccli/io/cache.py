@@ -221,9 +221,16 @@ class CacheWriter:
         f.attrs["rows_done"] = stop
 
     def finalize(
-        self, stats: dict[str, ClassStats], extra_attrs: dict[str, Any] | None = None
+        self,
+        stats: dict[str, ClassStats],
+        extra_attrs: dict[str, Any] | None = None,
+        *,
+        publish: bool = True,
     ) -> Path:
-        """Store statistics, mark complete, close and rename ``.partial`` into place."""
+        """Store statistics, mark complete, close and rename ``.partial`` into place.
+
+        ``publish=False`` leaves the finished file named ``.partial`` and returns that
+        path (a distributed shard is renamed only once every rank has finished)."""
         f = self.h5
         if self.rows_done != self.num_samples:
             raise CacheError(
@@ -240,6 +247,8 @@ class CacheWriter:
         f.attrs["complete"] = True
         f.flush()
         f.close()
+        if not publish:
+            return self.tmp
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -124,6 +124,48 @@ def _compose_classifiers(views: list[LayerView], classifier: str | None) -> None
         v.classifier_weight, v.classifier_bias = C, c
 
 
+def _check_shard_set(caches: Sequence[Cache], name: str) -> None:
+    """The shards of one distributed extraction, all of them, covering every row once.
+
+    Each shard records ``rank``, ``world_size``, ``row_start``, ``row_stop`` and
+    ``total_samples`` (:mod:`nccli.distributed`); ``caches`` are in rank order.
+    """
+    first = caches[0].attrs
+    W = first.get("world_size")
+    ranks = [c.attrs.get("rank") for c in caches]
+    if not isinstance(W, int) or ranks != list(range(W)):
+        missing = sorted(set(range(W)) - set(ranks)) if isinstance(W, int) else []
+        what = (
+            f"rank(s) {', '.join(map(str, missing))} of {W} missing"
+            if missing and all(isinstance(r, int) and r < W for r in ranks)
+            else f"ranks {ranks} do not form 0..{W - 1 if isinstance(W, int) else '?'}"
+        )
+        raise CacheError(
+            f"{name}: incomplete shard set ({what}); pass every <name>.rank<r>.h5 of one "
+            "run, finish an interrupted run with `nccli extract --resume` under the same "
+            "torchrun command, or delete shards left by a run with another world size"
+        )
+    expect = 0
+    for c in caches:
+        a = c.attrs
+        for key in ("world_size", "total_samples", "checkpoint_sha256", "dataset_digest"):
+            if a.get(key) != first.get(key):
+                raise CacheError(
+                    f"{c.path}: shard has a different {key} than {caches[0].path}; the files "
+                    "come from different extractions"
+                )
+        if a.get("row_start") != expect or a.get("row_stop", -1) - expect != c.num_samples:
+            raise CacheError(
+                f"{c.path}: shard covers rows {a.get('row_start')}..{a.get('row_stop')} "
+                f"with {c.num_samples} samples, expected to start at row {expect}"
+            )
+        expect = int(a["row_stop"])
+    if expect != first.get("total_samples"):
+        raise CacheError(
+            f"{name}: the shards cover {expect} of {first.get('total_samples')} rows; re-extract"
+        )
+
+
 class CacheSource(Source):
     """One nccli cache file, or the shard files of one distributed extraction."""
 
@@ -142,6 +184,14 @@ class CacheSource(Source):
                 raise CacheError(
                     f"{c.path}: shard does not match {first.path} (classes or layers differ)"
                 )
+        if any("world_size" in c.attrs for c in self.caches):
+            _check_shard_set(self.caches, self.path)
+            self.attrs = {
+                k: v
+                for k, v in first.attrs.items()
+                if k not in ("rank", "row_start", "row_stop", "total_samples")
+            }
+            self.attrs["num_samples"] = first.attrs.get("total_samples")
         name_epoch, name_step = epoch_step_from_name(self.path)
         self.epoch = self.attrs.get("epoch", name_epoch)
         self.step = self.attrs.get("step", name_step)
