@@ -1,58 +1,144 @@
-"""`make demo`: run nccli end to end and show Neural Collapse being measured.
+"""`make demo`: nccli end to end on the committed sample runs (``sample_data/``).
 
-Without sample checkpoints this writes synthetic "training run" feature files whose
-within-class spread shrinks epoch by epoch (a Neural-Collapse-like trajectory) and
-measures them with the real CLI.
+Every step is the real CLI in a subprocess, echoed like a shell session:
+
+1. ``nccli extract`` every checkpoint of the four sample runs into
+   ``demo_out/cache/<run>/`` (finished caches are skipped, so a second demo is quick);
+2. ``nccli measure`` the last checkpoint of run 1 (CE, deep linear head): every metric,
+   every head layer;
+3. ``nccli compare`` run 1's trajectory over its checkpoints, drawn to
+   ``demo_out/nc_run1.png``;
+4. ``nccli compare --across layers``: how collapse changes through run 1's linear head;
+5. ``nccli compare --across runs``: the last checkpoint of each run side by side;
+6. ``nccli measure --per-class`` on run 3 (MSE, bias-free head, imbalanced classes): the
+   orthogonal-frame geometry and the closed-form lengths beside the measured ones.
+
+``sample_data/`` is made by ``scripts/make_sample_data.py`` (see ``sample_data/README.md``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "sample_data"
 OUT = ROOT / "demo_out"
 
 
-def run(*args: str) -> None:
-    """Run an nccli command, echoing it like a shell session."""
+def rel(path: Path) -> str:
+    """``path`` relative to the repository root (shorter command lines)."""
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def nccli(*args: str) -> None:
+    """Run ``nccli ARGS`` from the repository root, echoing the command first."""
     print(f"\n$ nccli {' '.join(shlex.quote(a) for a in args)}", flush=True)
     env = {**os.environ, "COLUMNS": os.environ.get("COLUMNS", "110")}
-    subprocess.run([sys.executable, "-m", "nccli", *args], check=True, env=env)
+    subprocess.run([sys.executable, "-m", "nccli", *args], check=True, env=env, cwd=ROOT)
 
 
-def synthetic_run(folder: Path, epochs: list[int], K: int = 10, d: int = 64, n_per: int = 100) -> list[Path]:
-    """Features of a simplex-ETF-bound run: spread falls as 1/epoch, W aligns with the means."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    etf = np.sqrt(K / (K - 1)) * (np.eye(K) - 1.0 / K)
-    basis, _ = np.linalg.qr(rng.normal(size=(d, K)))
-    target = etf @ basis.T  # K × d simplex ETF
-    start = rng.normal(size=(K, d))
-    y = np.repeat(np.arange(K), n_per)
-    paths = []
-    for ep in epochs:
-        t = ep / epochs[-1]
-        means = (1 - t) * start + t * 4 * target
-        spread = 1.5 / (1 + ep / 5)
-        H = means[y] + spread * rng.normal(size=(y.size, d))
-        W = (1 - t) * rng.normal(size=(K, d)) + t * target
-        path = folder / f"synthetic_ep{ep:03d}.npz"
-        np.savez(path, features=H.astype(np.float32), labels=y, weight=W, bias=np.zeros(K), epoch=ep)
-        paths.append(path)
-    return paths
+def heading(text: str) -> None:
+    print(f"\n## {text}", flush=True)
 
 
-def main() -> None:
-    paths = synthetic_run(OUT / "synthetic", [0, 5, 20, 50, 100, 200, 400])
-    run("measure", str(paths[-1]), "--format", "table")
-    run("measure", str(paths[-1]), "--metrics", "nc1,nc4", "--format", "csv")
+def main() -> int:
+    manifest_path = DATA / "runs.json"
+    if not manifest_path.is_file():
+        print(
+            f"demo: {rel(manifest_path)} is missing; build the sample runs first with "
+            "`python scripts/make_sample_data.py` (about 2 minutes on a CPU)",
+            file=sys.stderr,
+        )
+        return 1
+    runs = json.loads(manifest_path.read_text())["runs"]
+    t0 = time.perf_counter()
+    cache = OUT / "cache"
+
+    heading("1. Extract features of every sample checkpoint (finished caches are skipped)")
+    for name, run in runs.items():
+        checkpoints = [rel(DATA / c) for c in run["checkpoints"]]
+        nccli(
+            "extract",
+            *checkpoints,
+            "--data",
+            rel(DATA / run["data"]),
+            "--arch",
+            run["arch"],
+            "-o",
+            rel(cache / name),
+        )
+
+    run1 = cache / "run1_ce"
+    last1 = run1 / Path(runs["run1_ce"]["checkpoints"][-1]).with_suffix(".h5").name
+    heading("2. Every metric at the last checkpoint of run 1 (CE, 3-layer linear head)")
+    nccli("measure", rel(last1), "--format", "table")
+
+    heading("3. Run 1's trajectory over training, plotted")
+    nccli("compare", rel(run1), "--format", "table", "--plot", rel(OUT / "nc_run1.png"))
+
+    heading("4. Through run 1's deep linear head (last checkpoint)")
+    nccli(
+        "compare",
+        rel(last1),
+        "--across",
+        "layers",
+        "--metrics",
+        "nc1,nc1_trace,nc3,cond_l,erank_l",
+        "--format",
+        "table",
+    )
+
+    heading("5. The last checkpoint of every run, at the classifier input")
+    lasts = [
+        cache / name / Path(run["checkpoints"][-1]).with_suffix(".h5").name
+        for name, run in runs.items()
+    ]
+    nccli(
+        "compare",
+        *[rel(p) for p in lasts],
+        "--across",
+        "runs",
+        "--layer",
+        "classifier",
+        "--metrics",
+        "nc1,nc2_etf_dist_means,nc3,acc,of_maxcos_means",
+        "--format",
+        "table",
+    )
+
+    run3 = runs["run3_mse_imb"]
+    last3 = cache / "run3_mse_imb" / Path(run3["checkpoints"][-1]).with_suffix(".h5").name
+    heading("6. Run 3 (MSE, bias-free head, classes 10:1): orthogonal frame, per class")
+    nccli(
+        "measure",
+        rel(last3),
+        "--layer",
+        "classifier",
+        "--metrics",
+        "geometry",
+        "--per-class",
+        "--loss",
+        "mse",
+        "--wd-features",
+        str(run3["wd"]),
+        "--wd-classifier",
+        str(run3["wd"]),
+        "--format",
+        "table",
+    )
+
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; plot: {rel(OUT / 'nc_run1.png')}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
