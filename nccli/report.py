@@ -57,13 +57,15 @@ def sparkline(values: Sequence[float], log: bool = True) -> str:
     return "".join(out)
 
 
-def fmt_value(v: object) -> str:
-    """Compact human formatting for a table cell."""
+def fmt_value(v: object, *, integer: bool = False) -> str:
+    """Compact human formatting for a table cell (``integer``: a count such as ``n_k``)."""
     if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
         return "nan"
     if isinstance(v, float):
         if v == 0:
             return "0"
+        if integer and v.is_integer():
+            return str(int(v))
         if abs(v) >= 1e4 or abs(v) < 1e-3:
             return f"{v:.3e}"
         return f"{v:.4f}"
@@ -150,7 +152,9 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
             for col in w.columns:
                 table.add_column(col, justify="right")
             for k, row in w.iterrows():
-                table.add_row(str(k), *[fmt_value(float(row[c])) for c in w.columns])
+                table.add_row(
+                    str(k), *[fmt_value(float(row[c]), integer=c == "n_k") for c in w.columns]
+                )
             console.print(table)
     if "class2" in df.columns:
         render_cosine_heatmaps(df[df["class2"].notna()], console)
