@@ -310,8 +310,8 @@ def _check_meta(metas: Sequence[dict[str, Any]], total: int) -> str | None:
                 f"rank {r}'s shard starts at row {m.get('row_start')} of "
                 f"{m.get('total_samples')}, expected {expect} of {total}"
             )
-        if m.get("row_stop", -1) - m.get("row_start", 0) != m.get("num_samples"):
-            return f"rank {r}'s shard holds {m.get('num_samples')} rows, not its row range"
+        if m.get("row_stop", -1) - m.get("row_start", 0) != m.get("rows_read"):
+            return f"rank {r}'s shard read {m.get('rows_read')} rows, not its row range"
         expect = int(m.get("row_stop", -1))
     if expect != total:
         return f"the shards cover rows 0..{expect}, not all {total}"
@@ -357,6 +357,10 @@ def run_checkpoint(
     meta["dataset_digest"] = attrs.get("dataset_digest")
     meta["feature_dtype"] = attrs.get("feature_dtype")
     meta["layers"] = [(n, s.num_classes, s.dim) for n, s in stats.items()]
+    # --skip-nonfinite: rows read can exceed the samples kept; the dropped ones per class
+    meta["rows_read"] = attrs.get("rows_read", attrs.get("num_samples"))
+    skipped = attrs.get("skipped_nonfinite")
+    meta["skipped"] = None if skipped is None else np.asarray(skipped, dtype=np.int64).tolist()
     metas = group.all_gather_object(meta)
     total = int(len(labels))
     problem = _check_meta(metas, total)
@@ -369,14 +373,20 @@ def run_checkpoint(
                 for p in parts[1:]:
                     acc.merge(p)
                 merged[name] = acc
+    dropped = 0
     if group.rank == 0 and problem is None:
         K = next(iter(merged.values())).num_classes if merged else 0
         want = np.bincount(np.asarray(labels, dtype=np.int64), minlength=K)
+        for m in metas:
+            if m["skipped"] is not None:
+                want = want - np.asarray(m["skipped"], dtype=np.int64)[:K]
+        dropped = total - int(want.sum())
         for name, st in merged.items():
-            if st.n != total or not np.array_equal(st.counts, want):
+            if st.n != total - dropped or not np.array_equal(st.counts, want):
                 problem = (
-                    f"layer {name}: the merged class counts sum to {st.n} (dataset: {total}) "
-                    "or differ from the dataset's label counts"
+                    f"layer {name}: the merged class counts sum to {st.n} (dataset: {total}"
+                    f"{f', {dropped} dropped as non-finite' if dropped else ''}) or differ "
+                    "from the dataset's label counts"
                 )
                 break
     rejected = group.failed_ranks(problem is None)
@@ -390,9 +400,12 @@ def run_checkpoint(
         first = next(iter(merged.values()))
         counts = first.counts
         layers = ", ".join(f"{n} (d={s.dim})" for n, s in merged.items())
+        rows = f"the dataset's {total} rows" + (
+            f" less {dropped} non-finite samples" if dropped else ""
+        )
         say(
             f"{shard_path(out_path, 0).name.replace('.rank0', '.rank*')}: merged {W} shards, "
-            f"{first.n} samples = the dataset's {total} rows, {first.num_classes} classes "
+            f"{first.n} samples = {rows}, {first.num_classes} classes "
             f"(counts {int(counts.min())}..{int(counts.max())} per class, as in the labels); "
             f"layers {layers}"
         )

@@ -154,10 +154,12 @@ def _check_shard_set(caches: Sequence[Cache], name: str) -> None:
                     f"{c.path}: shard has a different {key} than {caches[0].path}; the files "
                     "come from different extractions"
                 )
-        if a.get("row_start") != expect or a.get("row_stop", -1) - expect != c.num_samples:
+        # rows read: more than the samples kept when --skip-nonfinite dropped some
+        read = a.get("rows_read", c.num_samples)
+        if a.get("row_start") != expect or a.get("row_stop", -1) - expect != read:
             raise CacheError(
                 f"{c.path}: shard covers rows {a.get('row_start')}..{a.get('row_stop')} "
-                f"with {c.num_samples} samples, expected to start at row {expect}"
+                f"with {read} rows read, expected to start at row {expect}"
             )
         expect = int(a["row_stop"])
     if expect != first.get("total_samples"):
