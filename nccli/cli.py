@@ -22,7 +22,7 @@ from rich.console import Console
 from nccli import __version__
 from nccli.analyses import Loss, ReportKind
 from nccli.compare import Across, By, RunFrom
-from nccli.errors import NCError, UsageError
+from nccli.errors import DataError, NCError, UsageError
 from nccli.report import OutputFormat
 
 app = typer.Typer(
@@ -664,6 +664,22 @@ def info(
     layers: LayersOpt = "auto",
     trust_checkpoint: TrustOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Check a cache: statistics checksums, shapes, label range, class counts = "
+            "label histogram; exit 1 naming the corrupt layer.",
+        ),
+    ] = False,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="With --verify: also recompute each layer's statistics from its features "
+            "(must agree to 1e-8).",
+        ),
+    ] = False,
 ) -> None:
     """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint."""
     import json
@@ -675,9 +691,13 @@ def info(
 
     with user_errors():
         if not path.exists():
-            from nccli.errors import DataError
-
             raise DataError(f"{path}: no such file")
+        if verify or deep:
+            from nccli.io.cache import verify_cache
+
+            for line in verify_cache(path, deep=deep):
+                typer.echo(f"{path}: {line}")
+            return
         if path.name.endswith(".partial") or is_cache(path):
             desc = describe_cache(path)
             head = dict(desc["attrs"])

@@ -27,6 +27,7 @@ On a CUDA device the states live on the device and the batch never leaves it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,21 @@ ArrayLike = Any  # numpy array or torch tensor
 #: encoding of the HDF5 group written by :meth:`ClassStats.to_h5`
 ENCODING_TYPE = "nccli-classstats"
 ENCODING_VERSION = "1"
+#: on-disk dtype of each state, in the order the checksum covers them
+STATE_DTYPES = {"counts": "<i8", "means": "<f8", "scatter": "<f8", "class_ss": "<f8"}
+
+
+def stats_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the four state arrays (name, shape and little-endian bytes, in a fixed
+    order): what :meth:`ClassStats.to_h5` stores as the ``sha256`` attribute and
+    :meth:`ClassStats.from_h5` checks.  It detects corruption of a cache, not a deliberate
+    rewrite (whoever can edit the file can recompute it)."""
+    h = hashlib.sha256(f"{ENCODING_TYPE}/{ENCODING_VERSION}".encode())
+    for name, dtype in STATE_DTYPES.items():
+        a = np.ascontiguousarray(arrays[name], dtype=dtype)
+        h.update(f"|{name}{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
@@ -347,19 +363,35 @@ class ClassStats:
         group.attrs["encoding-version"] = ENCODING_VERSION
         group.attrs["num_classes"] = self.num_classes
         group.attrs["dim"] = self.dim
-        for name, arr in (
-            ("counts", self.counts),
-            ("means", self.means),
-            ("scatter", self.scatter),
-            ("class_ss", self.class_ss),
-        ):
+        arrays = {
+            "counts": self.counts,
+            "means": self.means,
+            "scatter": self.scatter,
+            "class_ss": self.class_ss,
+        }
+        for name, arr in arrays.items():
             if name in group:
                 del group[name]
-            group.create_dataset(name, data=arr)
+            group.create_dataset(name, data=np.asarray(arr, dtype=STATE_DTYPES[name]))
+        group.attrs["sha256"] = stats_digest(arrays)
 
     @classmethod
-    def from_h5(cls, group: Any, *, source: str | None = None) -> ClassStats:
-        """Read and validate states written by :meth:`to_h5`."""
+    def from_h5(
+        cls,
+        group: Any,
+        *,
+        source: str | None = None,
+        num_classes: int | None = None,
+        dim: int | None = None,
+    ) -> ClassStats:
+        """Read and validate states written by :meth:`to_h5`.
+
+        Shapes are checked against the group's ``num_classes``/``dim`` attributes (and
+        against ``num_classes``/``dim`` when given) and the stored bytes against the
+        declared size *before* anything is read, so a small file cannot make nccli allocate
+        a huge array; then the ``sha256`` attribute is checked (caches written before it
+        existed have none), then finiteness.
+        """
         from nccli.errors import CacheError
 
         where = source or f"{group.file.filename}:{group.name}"
@@ -381,18 +413,41 @@ class ClassStats:
                 raise CacheError(f"{where}: statistics dataset {name!r} is missing; re-extract")
         K = int(group.attrs.get("num_classes", -1))
         d = int(group.attrs.get("dim", -1))
-        counts = np.asarray(group["counts"][()])
-        means = np.asarray(group["means"][()])
-        scatter = np.asarray(group["scatter"][()])
-        class_ss = np.asarray(group["class_ss"][()])
+        other = (num_classes is not None and K != num_classes) or (dim is not None and d != dim)
+        if K < 1 or d < 1 or other:
+            raise CacheError(
+                f"{where}: statistics are for K={K} classes of dimension d={d}, the layer has "
+                f"K={num_classes}, d={dim}; the cache is corrupt, re-extract it"
+            )
         expect = {"counts": (K,), "means": (K, d), "scatter": (d, d), "class_ss": (K,)}
-        got = {"counts": counts, "means": means, "scatter": scatter, "class_ss": class_ss}
         for name, shape in expect.items():
-            if got[name].shape != shape:
+            ds = group[name]
+            if ds.shape != shape:
                 raise CacheError(
-                    f"{where}: statistics {name!r} has shape {got[name].shape}, expected {shape}; "
+                    f"{where}: statistics {name!r} has shape {ds.shape}, expected {shape}; "
                     "the cache is corrupt, re-extract it"
                 )
+            kind = "iu" if name == "counts" else "f"
+            if ds.dtype.kind not in kind:
+                raise CacheError(f"{where}: statistics {name!r} have dtype {ds.dtype}; re-extract")
+            if ds.compression is None and ds.id.get_storage_size() < ds.size * ds.dtype.itemsize:
+                raise CacheError(
+                    f"{where}: statistics {name!r} declare {ds.size * ds.dtype.itemsize} bytes "
+                    f"but the file stores {ds.id.get_storage_size()}; the cache is truncated or "
+                    "forged, re-extract it"
+                )
+        got = {name: np.asarray(group[name][()]) for name in expect}
+        stored = group.attrs.get("sha256")
+        if isinstance(stored, bytes):
+            stored = stored.decode("ascii", "replace")
+        if stored is not None and str(stored) != stats_digest(got):
+            raise CacheError(
+                f"{where}: statistics checksum mismatch (the sha256 stored at extraction does "
+                "not match counts/means/scatter/class_ss); the cache was modified or corrupted, "
+                "re-extract it"
+            )
+        counts, means = got["counts"], got["means"]
+        scatter, class_ss = got["scatter"], got["class_ss"]
         if (counts < 0).any() or not all(np.isfinite(a).all() for a in (means, scatter, class_ss)):
             raise CacheError(f"{where}: statistics contain negative counts or NaN/Inf; re-extract")
         st = cls(K, d, source=where)

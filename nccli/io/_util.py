@@ -19,6 +19,12 @@ IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za
 def one_line(exc: BaseException | str, limit: int = 200) -> str:
     """Exception text squeezed onto one line and cut to ``limit`` characters."""
     text = exc if isinstance(exc, str) else (str(exc) or type(exc).__name__)
+    if "Traceback" in text:
+        # an error that embeds a traceback (TorchScript, a worker process): the last line
+        # says what went wrong, the frames above it would read like an nccli crash
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines and "Traceback" not in lines[-1] else "see --debug"
+        text = re.sub(r"^\s*[\w.]*(?:Error|Exception): ", "", text)
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
