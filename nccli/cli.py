@@ -59,10 +59,11 @@ def user_errors() -> Iterator[None]:
         msg = " ".join(str(exc).split())
         typer.echo(f"nccli: error: {msg}", err=True)
         raise typer.Exit(exc.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if STATE.debug:
             raise
-        typer.echo("nccli: interrupted", err=True)
+        why = " ".join(str(exc).split())  # e.g. what was kept for --resume
+        typer.echo(f"nccli: interrupted; {why}" if why else "nccli: interrupted", err=True)
         raise typer.Exit(130) from None
     except MemoryError:
         if STATE.debug:
@@ -255,6 +256,14 @@ def measure(
             "(heatmaps in a table; rows with class, class2 in CSV/JSON).",
         ),
     ] = False,
+    skip_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--skip-nonfinite",
+            help="Drop feature-file rows with NaN/Inf (counted per class in a note) instead "
+            "of failing.",
+        ),
+    ] = False,
     report: Annotated[
         ReportKind | None,
         typer.Option(
@@ -297,6 +306,7 @@ def measure(
             num_classes=num_classes,
             chunk_rows=chunk_rows,
             geometry=geometry,
+            skip_nonfinite=skip_nonfinite,
             **setup,
         )
         emit(df, fmt, as_wide=as_wide, output=output)
@@ -611,6 +621,15 @@ def extract(
             rich_help_panel="Distributed (torchrun)",
         ),
     ] = 30.0,
+    skip_nonfinite: Annotated[
+        bool,
+        typer.Option(
+            "--skip-nonfinite",
+            help="Drop samples with NaN/Inf features or logits in any layer from every layer "
+            "(counted per class: a note and the skipped_nonfinite attribute) instead of "
+            "failing.",
+        ),
+    ] = False,
 ) -> None:
     """Run checkpoints over a dataset; cache features, logits and statistics (HDF5).
 
@@ -643,6 +662,7 @@ def extract(
             command=_command_line(),
             dist_backend=dist_backend.value,
             dist_timeout=dist_timeout,
+            skip_nonfinite=skip_nonfinite,
         )
         for p in paths:
             typer.echo(str(p))

@@ -513,6 +513,8 @@ class _Rows:
     features: dict[str, torch.Tensor]
     logits: torch.Tensor
     ready: torch.cuda.Event | None = None
+    rows_read: int | None = None  # dataset rows consumed (--skip-nonfinite drops some)
+    skipped: np.ndarray | None = None  # samples dropped per class so far
 
 
 class _BackgroundWriter:
@@ -540,10 +542,15 @@ class _BackgroundWriter:
                 if item.ready is not None:
                     item.ready.synchronize()
                 feats = {k: np.ascontiguousarray(v.numpy()) for k, v in item.features.items()}
-                self.writer.write_rows(
-                    item.start, item.labels, item.indices, feats, item.logits.numpy()
+                self.writer.write_rows(  # flushes; a failed write raises one DataError
+                    item.start,
+                    item.labels,
+                    item.indices,
+                    feats,
+                    item.logits.numpy(),
+                    rows_read=item.rows_read,
+                    skipped=item.skipped,
                 )
-                self.writer.h5.flush()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc
 
@@ -594,6 +601,7 @@ class _Settings:
     notes: bool
     rank: int = 0  # distributed extraction (nccli.distributed): this rank's shard
     world_size: int = 1
+    skip_nonfinite: bool = False  # drop samples with NaN/Inf in any layer, from every layer
 
 
 def _sha256(p: Path) -> str:
@@ -723,16 +731,24 @@ def _nonfinite_rows(
     logits: torch.Tensor,
     indices: np.ndarray,
     feature_dtype: str,
-) -> None:
-    """Policy for NaN/Inf in a batch: raise a DataError naming checkpoint, layer and sample.
+    skip: bool = False,
+) -> torch.Tensor | None:
+    """Policy for NaN/Inf in a batch: ``None`` when every value is finite; else, with
+    ``skip``, the mask of rows that are finite in *every* layer and the logits (a sample is
+    dropped from all layers, so they keep the same N), and without it a DataError naming
+    checkpoint, layer and sample.
 
-    One device sync for the whole batch in the common (all finite) case.  A later
-    ``--skip-nonfinite`` replaces the raise with a row mask returned from here.
+    One device sync for the whole batch in the common (all finite) case.
     """
     tensors = [*feats.values(), logits]
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     if bool(flags.all()):
-        return
+        return None
+    if skip:
+        keep = torch.ones(len(indices), dtype=torch.bool, device=logits.device)
+        for t in tensors:
+            keep &= torch.isfinite(t).all(dim=1).to(keep.device)
+        return keep
     for name, t in [*feats.items(), ("logits", logits)]:
         ok = torch.isfinite(t).all(dim=1)
         if bool(ok.all()):
@@ -748,8 +764,24 @@ def _nonfinite_rows(
         raise DataError(
             f"{source}: layer {name} has NaN or infinite values for sample {sample} ({nbad} "
             "rows in this batch); the checkpoint may have diverged, or the inputs need "
-            "--normalize"
+            "--normalize; --skip-nonfinite drops such samples"
         )
+
+
+def _drop_rows(
+    keep: torch.Tensor,
+    feats: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    yd: torch.Tensor,
+    y: torch.Tensor,
+    idx: np.ndarray,
+    skipped: np.ndarray,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """The batch without the rows ``keep`` rejects; ``skipped`` (per class) counts them."""
+    kc = keep.cpu()
+    skipped += np.bincount(y[~kc].numpy(), minlength=len(skipped))
+    feats = {k: v[keep.to(v.device)] for k, v in feats.items()}
+    return feats, logits[keep.to(logits.device)], yd[keep.to(yd.device)], y[kc], idx[kc.numpy()]
 
 
 def _check_existing(path: Path, sha: str, ds: Any, split: str, cfg: _Settings) -> bool:
@@ -936,8 +968,12 @@ class _Run:
                 not isinstance(exc, NCError) and getattr(writer, "h5", None) is not None
             ) and self._rows_done(writer) > 0
             if keep:
+                rows = self._rows_done(writer)
                 writer.close()
-                self.note(f"{tmp}: kept {self._rows_done(writer)} rows; continue with --resume")
+                hint = f"{tmp}: kept {rows} rows; continue with --resume"
+                if isinstance(exc, KeyboardInterrupt):
+                    raise KeyboardInterrupt(hint) from exc  # the CLI prints it on one line
+                self.note(hint)
             else:
                 writer.abort()
             raise
@@ -993,10 +1029,14 @@ class _Run:
         amp_dtype = AMP_DTYPES[cfg.amp]
         sdev = self._stats_device()
         done = writer.rows_done
+        read = writer.rows_read  # more than done when --skip-nonfinite dropped rows
+        skipped = writer.skipped_nonfinite
+        if cfg.skip_nonfinite and skipped is None:
+            skipped = np.zeros(K, dtype=np.int64)
         N = stop - start
         task = None
         if self.progress is not None:
-            task = self.progress.add_task(escape(Path(src).name), total=N, completed=done)
+            task = self.progress.add_task(escape(Path(src).name), total=N, completed=read)
 
         def prepare(batch: Any) -> Any:
             x, y, idx = batch
@@ -1009,7 +1049,7 @@ class _Run:
         bg = _BackgroundWriter(writer)
         row = done
         try:
-            batches = _iter_rows(self.ds, start + done, stop, cfg.batch_size)
+            batches = _iter_rows(self.ds, start + read, stop, cfg.batch_size)
             for x, y, idx in _prefetch(batches, self.prefetch, prepare):
                 B = int(len(idx))
                 xd = x.to(dev, non_blocking=True)
@@ -1030,12 +1070,30 @@ class _Run:
                         )
                     logits = logits.float()
                     feats = {k: v.to(store) for k, v in raw.items()}
-                    _nonfinite_rows(src, feats, raw, logits, idx, cfg.feature_dtype)
+                    keep = _nonfinite_rows(
+                        src, feats, raw, logits, idx, cfg.feature_dtype, cfg.skip_nonfinite
+                    )
+                    if keep is not None and skipped is not None:
+                        feats, logits, yd, y, idx = _drop_rows(
+                            keep, feats, logits, yd, y, np.asarray(idx), skipped
+                        )
                     for name, h in feats.items():
                         stats[name].update(h if h.device == sdev else h.to(sdev), yd)
                     host, host_logits, ready = self._to_host(feats, logits, cuda)
-                bg.submit(_Rows(row, y.numpy(), np.asarray(idx), host, host_logits, ready))
-                row += B
+                read += B
+                bg.submit(
+                    _Rows(
+                        row,
+                        y.numpy(),
+                        np.asarray(idx),
+                        host,
+                        host_logits,
+                        ready,
+                        rows_read=read if skipped is not None else None,
+                        skipped=None if skipped is None else skipped.copy(),
+                    )
+                )
+                row += len(idx)
                 if task is not None:
                     self.progress.update(task, advance=B)
                 if self.slow > 0:
@@ -1047,15 +1105,22 @@ class _Run:
             raise
         cap.remove()
         bg.close()
-        if row != N:
+        if read != N:
             raise DataError(
-                f"{src}: the dataset yielded {row} of {N} rows; was {self.data} changed while "
+                f"{src}: the dataset yielded {read} of {N} rows; was {self.data} changed while "
                 "extracting?"
             )
         if task is not None:
             self.progress.update(task, visible=False)
         # a shard is published only once every rank has finished (nccli.distributed)
-        return writer.finalize(stats, publish=cfg.world_size <= 1)
+        path = writer.finalize(stats, publish=cfg.world_size <= 1)
+        if skipped is not None and skipped.any():
+            per_class = ", ".join(f"class {k}: {int(n)}" for k, n in enumerate(skipped) if n)
+            self.note(
+                f"{src}: skipped {int(skipped.sum())} samples with NaN/Inf features or logits "
+                f"(--skip-nonfinite; {per_class}); every layer's statistics exclude them"
+            )
+        return path
 
     @staticmethod
     def _to_host(
@@ -1137,6 +1202,29 @@ def _check_options(
     return paths
 
 
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``-o`` that cannot become a writable directory, before any work is done
+    (the nearest existing ancestor decides; nothing is created here)."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == out else f"is under {probe}, which is a file"
+        raise UsageError(f"-o {out}: {what}; pass a directory for the caches")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: {probe} is not writable; choose another -o directory")
+
+
+def _cache_path(out: Path, ckpt: Path) -> Path:
+    """``<out>/<checkpoint stem>.h5``.  Only the checkpoint file's own name is used (never a
+    path or a name stored inside the checkpoint or the dataset), so a cache cannot land
+    outside ``out``."""
+    stem = ckpt.name[: -len(ckpt.suffix)] if ckpt.suffix else ckpt.name
+    if not stem or "/" in stem or os.sep in stem:  # a file name never is, but be explicit
+        raise UsageError(f"{ckpt}: cannot name a cache after this file; rename the checkpoint")
+    return out / f"{stem}.h5"  # '..pt' gives the file '..h5', still inside out
+
+
 def extract(
     checkpoints: Sequence[str | os.PathLike[str]],
     data: str,
@@ -1161,6 +1249,7 @@ def extract(
     distributed: bool | None = None,
     dist_backend: str = "auto",
     dist_timeout: float = 30.0,
+    skip_nonfinite: bool = False,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
@@ -1179,6 +1268,10 @@ def extract(
     ranks' statistics are merged and checked on rank 0 (:mod:`nccli.distributed`);
     ``dist_backend`` is ``auto``/``gloo``/``nccl``, ``dist_timeout`` the minutes a rank
     waits for the others.  Returns this rank's shard paths then.
+
+    ``skip_nonfinite`` drops samples whose features or logits hold NaN/Inf in any layer
+    from every layer (a note and the ``skipped_nonfinite`` attribute of each layer count
+    them per class) instead of failing on the first one.
     """
     paths = _check_options(
         checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
@@ -1205,8 +1298,7 @@ def extract(
     from nccli.io.datasets import open_dataset
 
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"-o {out}: is a file; pass a directory for the caches")
+    _check_out_dir(out)
     cfg = _Settings(
         device=dev,
         amp=amp,
@@ -1222,6 +1314,7 @@ def extract(
         notes=progress,
         rank=group.rank if group is not None else 0,
         world_size=group.world_size if group is not None else 1,
+        skip_nonfinite=skip_nonfinite,
     )
     written: list[Path] = []
     try:
@@ -1241,14 +1334,14 @@ def extract(
             run = _Run(ds, str(data), split, cfg, bar, prefetch=2 * num_workers)
             for p in paths:
                 if group is None:
-                    written.append(run.one(p, out / f"{p.stem}.h5"))
+                    written.append(run.one(p, _cache_path(out, p)))
                     continue
                 written.append(
                     dist_mod.run_checkpoint(
                         group,
                         lambda shard, p=p: run.one(p, shard),
                         p,
-                        out / f"{p.stem}.h5",
+                        _cache_path(out, p),
                         np.asarray(ds.labels),
                         run.note if progress else lambda _: None,
                     )

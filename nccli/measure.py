@@ -220,6 +220,7 @@ def measure_sources(
                     rows.append(
                         {"source": src.label, "epoch": src.epoch, "layer": view.name, **row}
                     )
+        opts.notes.extend(n for n in src.notes if n not in opts.notes)  # e.g. dropped rows
     extra = ["class"] if opts.per_class or opts.geometry else []
     extra += ["class2"] if opts.geometry else []
     cols = [*TIDY_COLUMNS[:3], *extra, *TIDY_COLUMNS[3:]]
@@ -247,6 +248,7 @@ def measure(
     wd_classifier: float | None = None,
     head_depth: int | None = None,
     geometry: bool = False,
+    skip_nonfinite: bool = False,
 ) -> pd.DataFrame:
     """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
 
@@ -256,7 +258,9 @@ def measure(
     ``df.attrs["notes"]`` lists why any value is ``nan``.  ``loss`` (``"ce"``/``"mse"``),
     ``wd_features``, ``wd_classifier`` and ``head_depth`` describe the training run for the
     seed-paper analyses (:mod:`nccli.analyses`); ``geometry`` adds the cosine-matrix rows
-    (``class``, ``class2``, metric ``cos_means`` / ``cos_classifier``).
+    (``class``, ``class2``, metric ``cos_means`` / ``cos_classifier``).  ``skip_nonfinite``
+    drops the NaN/Inf rows of feature files (a note counts them per class) instead of
+    refusing the file.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -279,7 +283,7 @@ def measure(
         geometry=geometry,
     )
     analyses.validate_options(opts)
-    sources = open_sources(list(paths), num_classes=num_classes)
+    sources = open_sources(list(paths), num_classes=num_classes, skip_nonfinite=skip_nonfinite)
     try:
         return measure_sources(sources, opts)
     finally:

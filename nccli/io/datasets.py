@@ -612,7 +612,10 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
                     )
                     shape, fortran, dtype = read_header(f)
                     if dtype.hasobject:
-                        raise DataError(f"{path}: array {key!r} holds Python objects; refused")
+                        raise DataError(
+                            f"{path}: array {key!r} holds Python objects, which nccli never "
+                            "unpickles; save it as a numeric array"
+                        )
                     return np.memmap(
                         path,
                         dtype=dtype,

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from nccli.errors import CacheError, DataError
+from nccli.io._util import one_line
 from nccli.io.cache import Cache, is_cache
 from nccli.stats import ClassStats
 
@@ -90,6 +91,11 @@ class Source:
 
     def close(self) -> None:
         """Release open files."""
+
+    @property
+    def notes(self) -> list[str]:
+        """What was done to the input that the numbers depend on (e.g. dropped rows)."""
+        return []
 
     @property
     def label(self) -> str:
@@ -230,12 +236,25 @@ class CacheSource(Source):
 
 class ArraySource(Source):
     """A plain ``.npz`` / ``.h5`` features file (``features``, ``labels``, opt. ``weight``,
-    ``bias``, ``epoch``)."""
+    ``bias``, ``epoch``).
 
-    def __init__(self, path: str | os.PathLike[str], num_classes: int | None = None) -> None:
+    ``skip_nonfinite`` drops rows whose features hold NaN/Inf from every pass (statistics
+    and the classifier pass alike); :attr:`skipped` counts them per class once a full pass
+    has run, and :attr:`notes` reports them.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        num_classes: int | None = None,
+        *,
+        skip_nonfinite: bool = False,
+    ) -> None:
         self.path = str(path)
         self.attrs = {}
         self._h5: h5py.File | None = None
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped: np.ndarray | None = None
         p = Path(path)
         if p.suffix == ".npz":
             arrays = self._load_npz(p)
@@ -246,7 +265,8 @@ class ArraySource(Source):
                 self._h5 = h5py.File(p, "r")
             except OSError as exc:
                 raise DataError(
-                    f"{p}: not a readable HDF5 file ({exc}); is it truncated?"
+                    f"{p}: not a readable HDF5 file ({one_line(exc, 160)}); it may be truncated "
+                    "or corrupt, re-extract the cache or re-create the file"
                 ) from None
             keys = set(self._h5.keys())
 
@@ -328,13 +348,32 @@ class ArraySource(Source):
 
     def _batches(self, layer: str, chunk_rows: int) -> Batches:
         N = self._labels.shape[0]
+        dropped = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, N, chunk_rows):
             stop = min(N, start + chunk_rows)
             try:
                 h = np.asarray(self._features[start:stop])
             except OSError as exc:
                 raise DataError(f"{self.path}: cannot read features ({exc})") from None
-            yield h, self._labels[start:stop]
+            y = self._labels[start:stop]
+            if self.skip_nonfinite and h.dtype.kind == "f":
+                ok = np.isfinite(h).all(axis=1)
+                if not ok.all():
+                    dropped += np.bincount(y[~ok], minlength=self.num_classes)
+                    h, y = h[ok], y[ok]
+            yield h, y
+        if self.skip_nonfinite:
+            self.skipped = dropped
+
+    @property
+    def notes(self) -> list[str]:
+        if self.skipped is None or not self.skipped.any():
+            return []
+        per_class = ", ".join(f"class {k}: {int(n)}" for k, n in enumerate(self.skipped) if n)
+        return [
+            f"{self.label}: skipped {int(self.skipped.sum())} samples with NaN/Inf features "
+            f"(--skip-nonfinite; {per_class})"
+        ]
 
     def close(self) -> None:
         if self._h5 is not None:
@@ -342,11 +381,15 @@ class ArraySource(Source):
 
 
 def open_sources(
-    paths: Sequence[str | os.PathLike[str]], num_classes: int | None = None
+    paths: Sequence[str | os.PathLike[str]],
+    num_classes: int | None = None,
+    *,
+    skip_nonfinite: bool = False,
 ) -> list[Source]:
     """Open every input; shard files ``x.rank<r>.h5`` of one run become one source.
 
-    A directory stands for the caches it holds.
+    A directory stands for the caches it holds.  ``skip_nonfinite`` drops NaN/Inf rows of
+    plain feature files (caches never hold any: ``extract`` refuses or drops them).
     """
     expanded: list[Path] = []
     for raw in paths:
@@ -377,7 +420,7 @@ def open_sources(
             elif first.suffix in (".h5", ".hdf5") and is_cache(first):
                 out.append(CacheSource([first]))
             elif first.suffix in (".npz", ".h5", ".hdf5"):
-                out.append(ArraySource(first, num_classes))
+                out.append(ArraySource(first, num_classes, skip_nonfinite=skip_nonfinite))
             else:
                 raise DataError(
                     f"{first}: unknown input type; measure reads nccli caches (.h5) or "
