@@ -9,6 +9,7 @@ Data goes to stdout; progress, notes and errors to stderr.  A user error
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Iterator
@@ -124,8 +125,16 @@ def emit(
                 write_data(df, fmt, fh, as_wide=as_wide)
             os.replace(tmp, output)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"{output}: cannot write ({exc.strerror or exc})") from None
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                raise DataError(
+                    f"{output}: cannot write ({exc.strerror or exc}): the disk (or a file-size "
+                    "limit) is full; free disk space or choose another -o"
+                ) from None
+            raise UsageError(
+                f"{output}: cannot write ({exc.strerror or exc}); choose another -o"
+            ) from None
         return
     if fmt is OutputFormat.table:
         console = Console(no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
@@ -785,9 +794,38 @@ def list_metrics() -> None:
     Console(no_color=bool(os.environ.get("NO_COLOR"))).print(table)
 
 
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """click's ``ClickException`` (the base of ``typer.BadParameter``, wherever typer gets
+    click from) and ``typer.Abort``."""
+    base = next(
+        (c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+        typer.BadParameter,
+    )
+    return base, typer.Abort
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A command-line mistake click catches (missing or unknown option, bad value) is one
+    stderr line and exit 2, like the errors of the commands themselves.
+    """
+    ClickException, Abort = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `nccli`: the help, exit 2
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        msg = " ".join(exc.format_message().split()).rstrip(".")
+        typer.echo(f"nccli: error: {msg}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except Abort:
+        typer.echo("nccli: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
