@@ -366,3 +366,14 @@ def test_not_enough_disk_space_is_refused_up_front(
     with pytest.raises(DataError, match=r"needs about 0\.\d MB but only 0\.0 MB are free"):
         run(ckpt, data, tmp_path / "out")
     assert not list((tmp_path / "out").glob("*"))
+
+
+def test_unreadable_checkpoint_is_named(tmp_path: Path, ckpt: Path, monkeypatch) -> None:
+    """The chmod-000 case of test_bad_inputs is skipped as root; the check itself is not."""
+    from nccli.errors import CheckpointError
+    from nccli.io import checkpoints
+
+    real = os.access
+    monkeypatch.setattr(checkpoints.os, "access", lambda p, mode: p != ckpt and real(p, mode))
+    with pytest.raises(CheckpointError, match=r"run_ep005.pt: not readable .*chmod u\+r"):
+        checkpoints.load_model(ckpt, arch=ARCH)

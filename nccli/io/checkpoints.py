@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import re
 import struct
@@ -183,6 +184,11 @@ def _check_file(p: Path) -> None:
         raise CheckpointError(f"{p}: no such checkpoint file; check the path")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory; pass the checkpoint file inside it")
+    if not os.access(p, os.R_OK):
+        raise CheckpointError(
+            f"{p}: not readable (permission denied); fix its permissions (chmod u+r) or "
+            "copy it somewhere readable"
+        )
     if p.stat().st_size == 0:
         raise CheckpointError(
             f"{p}: file is empty (0 bytes); the save was probably interrupted, re-save or "
