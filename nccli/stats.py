@@ -451,10 +451,10 @@ class ClassStats:
         if (counts < 0).any() or not all(np.isfinite(a).all() for a in (means, scatter, class_ss)):
             raise CacheError(f"{where}: statistics contain negative counts or NaN/Inf; re-extract")
         st = cls(K, d, source=where)
-        st._counts = torch.as_tensor(counts.astype(np.int64))
-        st._means = torch.as_tensor(means.astype(np.float64))
-        st._scatter = torch.as_tensor(scatter.astype(np.float64))
-        st._class_ss = torch.as_tensor(class_ss.astype(np.float64))
+        st._counts = torch.as_tensor(counts.astype(np.int64, copy=False))
+        st._means = torch.as_tensor(means.astype(np.float64, copy=False))
+        st._scatter = torch.as_tensor(scatter.astype(np.float64, copy=False))
+        st._class_ss = torch.as_tensor(class_ss.astype(np.float64, copy=False))
         return st
 
     def __repr__(self) -> str:

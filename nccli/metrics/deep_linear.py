@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from nccli.metrics.nc import Undefined, _present, means_svd
+from nccli.metrics.nc import Undefined, _present, means_singular_values
 from nccli.stats import ClassStats
 
 __all__ = [
@@ -123,7 +123,7 @@ def cond(
     if bias_free:
         s = np.linalg.svd(mu, compute_uv=False)
     else:
-        s = means_svd(stats, center)[1]  # shared with nc1
+        s = means_singular_values(stats, center)  # shared with nc1
     if s.size < r or s[0] <= 0:
         raise Undefined(f"the {what} are all zero")
     if s[r - 1] <= rtol * s[0]:

@@ -59,13 +59,89 @@ def means_svd(stats: ClassStats, center: str = "global") -> tuple[np.ndarray, np
     return stats.memo(("means_svd", center), compute)
 
 
-def nc1(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> float:
+#: from this many classes on, ``nc1`` tries the K×K Gram route before the d×K SVD
+GRAM_MIN_CLASSES = 64
+#: the Gram route is used only when the reduced Gram matrix is this well conditioned
+#: (1-norm condition number): then no singular value but the centring null direction is
+#: anywhere near the ``rtol`` cut-off and both routes agree to rounding
+GRAM_MAX_COND = 1e6
+
+
+def _null_direction(stats: ClassStats, center: str) -> np.ndarray:
+    """Unit ``c`` with ``cᵀM = 0`` exactly in exact arithmetic: the centring weights."""
+    if center == "global":
+        c = stats.counts.astype(np.float64)
+    else:
+        c = np.ones(stats.num_classes)
+    return c / np.linalg.norm(c)
+
+
+def reduced_means(stats: ClassStats, center: str = "global") -> np.ndarray:
+    """The K-1 rows ``Pᵀ M`` of the centred means in an orthonormal basis ``P`` of the
+    complement of the centring direction (a Householder reflection: O(K·d)).
+
+    ``M`` has rank ≤ K-1 because its rows are centred; removing the known null direction
+    leaves a (K-1)×d matrix with the same non-zero singular values.
+    """
+    M = centred_means(stats, center)
+
+    def compute() -> np.ndarray:
+        K = M.shape[0]
+        c = _null_direction(stats, center)
+        e = np.zeros(K)
+        e[-1] = 1.0
+        v = c + np.copysign(1.0, c[-1]) * e  # H = I - 2vvᵀ/vᵀv maps c to ∓e_K
+        v /= np.linalg.norm(v)
+        HM = M - 2.0 * np.outer(v, v @ M)
+        return HM[:-1]
+
+    return stats.memo(("reduced_means", center), compute)
+
+
+def _nc1_gram(stats: ClassStats, center: str) -> float | None:
+    """``nc1`` through the reduced Gram ``G = M_r M_rᵀ`` (K-1 square) and
+    ``A = M_r Σ_W M_rᵀ``: ``nc1 = Tr(G⁻¹ A G⁻¹)`` with a Cholesky solve — all BLAS-3, no
+    d×K SVD.  Returns None (use the SVD) when ``G`` is not safely positive definite."""
+    if stats.dim < stats.num_classes - 1:
+        return None
+    Mr = reduced_means(stats, center)
+    G = Mr @ Mr.T
+    L, info = torch.linalg.cholesky_ex(torch.from_numpy(G))
+    if int(info) != 0:
+        return None  # not positive definite: d < K-1 or coinciding means
+    eye = torch.eye(G.shape[0], dtype=torch.float64)
+    Z = torch.cholesky_solve(eye, L).numpy()  # G⁻¹ from the factor (triangular solves)
+    cond1 = np.abs(G).sum(axis=0).max() * np.abs(Z).sum(axis=0).max()
+    if not np.isfinite(cond1) or cond1 > GRAM_MAX_COND:
+        return None
+    sigma_w = stats.scatter / stats.n
+    A = Mr @ (sigma_w @ Mr.T)
+    # Tr(Σ_W Σ_B⁺)/K = Tr(Σ_W M_rᵀ G⁻² M_r) = Tr(G⁻¹ A G⁻¹) = Σ (Z A) ∘ Zᵀ
+    return float(np.sum((Z @ A) * Z.T))
+
+
+def nc1(
+    stats: ClassStats, center: str = "global", rtol: float = 1e-8, method: str = "auto"
+) -> float:
     """``nc1 = (1/K) Tr(Σ_W Σ_B⁺)`` (Papyan et al. 2020).
 
     With the thin SVD ``M = Q S Vᵀ`` of the d×K centred means (singular values below
     ``rtol·s_max`` dropped), ``Σ_B⁺ = K Q S⁻² Qᵀ`` and so
     ``nc1 = Tr(S⁻² Qᵀ Σ_W Q)``: a d×r product, never a d×d inverse.
+
+    For many classes (``method="auto"`` and K ≥ :data:`GRAM_MIN_CLASSES`) the same number is
+    computed from K×K matrices when the means are well conditioned (see
+    :func:`_nc1_gram`); ``method="svd"`` or ``"gram"`` forces a route.
     """
+    if method not in ("auto", "svd", "gram"):
+        raise ValueError(f"unknown nc1 method {method!r}")
+    centred_means(stats, center)  # raises Undefined for missing classes first
+    if method == "gram" or (method == "auto" and stats.num_classes >= GRAM_MIN_CLASSES):
+        value = _nc1_gram(stats, center)
+        if value is not None:
+            return value
+        if method == "gram":
+            raise Undefined("the class means are too ill-conditioned for the Gram route")
     Q, s = means_svd(stats, center)
     if s.size == 0 or s[0] <= 0:
         raise Undefined("all class means coincide (Σ_B = 0)")
@@ -75,6 +151,23 @@ def nc1(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> float:
     # Tr(Σ_W Σ_B⁺) = K Σ_j (q_jᵀ Σ_W q_j) / s_j²; nc1 divides it by K
     quad = np.sum((sigma_w @ Q) * Q, axis=0)
     return float(np.sum(quad / s**2))
+
+
+def means_singular_values(stats: ClassStats, center: str = "global") -> np.ndarray:
+    """Singular values of the centred means, descending: from the SVD when it was computed,
+    else (many classes) from the eigenvalues of the reduced K-1 Gram, padded with the
+    centring null direction's 0."""
+    key = ("means_svd", center)
+    if key in stats._memo or stats.num_classes < GRAM_MIN_CLASSES:
+        return means_svd(stats, center)[1]
+
+    def compute() -> np.ndarray:
+        Mr = reduced_means(stats, center)
+        lam = np.linalg.eigvalsh(Mr @ Mr.T)[::-1]
+        s = np.sqrt(np.clip(lam, 0.0, None))
+        return np.concatenate([s, [0.0]])
+
+    return stats.memo(("means_sv", center), compute)
 
 
 def nc1_trace(stats: ClassStats, center: str = "global") -> float:
