@@ -102,7 +102,9 @@ def peak_rss_mb(path: Path) -> float:
         "import resource, sys; from nccli import measure; measure(sys.argv[1]);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
     return float(out.stdout.strip())
 
 
@@ -131,7 +133,9 @@ def main() -> None:
             t_bound = best_of(lambda p=path: bound(p), args.repeat)
             rows = min(N, args.ref_rows)
             t_ref = reference(path, rows, K) * N / rows
-            results.append({"N": N, "d": d, "K": K, "nccli_s": t_nccli, "ref_s": t_ref, "bound_s": t_bound})
+            results.append(
+                {"N": N, "d": d, "K": K, "nccli_s": t_nccli, "ref_s": t_ref, "bound_s": t_bound}
+            )
             print(
                 f"{N:>8} {d:>5} {K:>5} | {t_nccli:>8.3f} {t_ref:>9.2f} {t_bound:>8.3f} | "
                 f"{t_ref / t_nccli:>9.1f} {t_nccli / t_bound:>11.2f}",

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def notebook_metrics(H: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, K: int) -> dict[str, float]:
+def notebook_metrics(
+    H: np.ndarray, y: np.ndarray, W: np.ndarray, b: np.ndarray, K: int
+) -> dict[str, float]:
     """nc1 and nc4 the notebook way (float64, per-sample loops)."""
     H = np.asarray(H, dtype=np.float64)
     d = H.shape[1]
