@@ -11,6 +11,14 @@ Python API::
 
 from __future__ import annotations
 
+import os as _os
+
+# torch's OpenMP threads busy-wait after each parallel region; numpy's BLAS threads,
+# which compute the metrics, then fight them for the cores (measured: an SVD right after
+# a torch GEMM ran 40× slower on 2 cores).  Sleeping waiters cost nothing here.  Only takes
+# effect when nccli is imported before torch; set OMP_WAIT_POLICY yourself to override.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 from nccli.compare import compare  # noqa: E402
