@@ -20,6 +20,7 @@ imports modules and forks, so every child starts from the same clean state.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -127,6 +128,7 @@ class ForkCLI:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.count = 0
+        self.pending: Running | None = None  # started, status not read yet
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER],
             stdin=subprocess.PIPE,
@@ -152,6 +154,11 @@ class ForkCLI:
         env: dict[str, str] | None = None,
         fsize: int | None = None,
     ) -> Running:
+        if self.pending is not None:  # a failed test left a child running: reap it first
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pending.pid, signal.SIGKILL)
+            self.pending = None
+            self._read(30)
         self.count += 1
         out = self.tmp / f"{self.count}.out"
         err = self.tmp / f"{self.count}.err"
@@ -168,7 +175,8 @@ class ForkCLI:
         }
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        return Running(self._read(60)["pid"], out, err)
+        self.pending = Running(self._read(60)["pid"], out, err)
+        return self.pending
 
     def wait(self, run: Running, timeout: float = 120) -> Result:
         try:
@@ -177,6 +185,8 @@ class ForkCLI:
             os.kill(run.pid, signal.SIGKILL)
             self._read(10)
             raise
+        finally:
+            self.pending = None
         return Result(status, run.out.read_text(), run.err.read_text())
 
     def __call__(self, argv: list[str], **kw) -> Result:
@@ -940,9 +950,18 @@ def _start_slow_extract(cli: ForkCLI, ws: Workspace, d: Path) -> Running:
     part = d / "out" / "run_ep005.h5.partial"
     deadline = time.monotonic() + 60
     while not part.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert part.exists(), "the extraction never started writing"
-    time.sleep(0.8)  # a few batches in: 9 batches x 0.3 s
+    # wait for the first flushed batch (read past the writer's HDF5 lock; a read that
+    # lands mid-flush fails and is retried); 8 more batches x 0.3 s are still to go
+    while time.monotonic() < deadline:
+        try:
+            with h5py.File(part, "r", locking=False) as f:
+                if int(f.attrs["rows_done"]) > 0:
+                    break
+        except (OSError, KeyError, RuntimeError):
+            pass
+        time.sleep(0.02)
     return run
 
 
