@@ -337,8 +337,11 @@ def run_checkpoint(
     W = group.world_size
     error: Exception | None = None
     got = path
+    attrs: dict[str, Any] = {}
+    stats: dict[str, ClassStats] = {}
     try:
         got = one(path)
+        attrs, stats = _read_shard(got)
     except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
         error = exc
     failed = group.failed_ranks(error is None)
@@ -352,7 +355,6 @@ def run_checkpoint(
             f"{kept}; fix the cause and run the same command with --resume"
         )
 
-    attrs, stats = _read_shard(got)
     meta = {k: attrs.get(k) for k in (*SHARD_ATTRS, "num_samples", "checkpoint_sha256")}
     meta["dataset_digest"] = attrs.get("dataset_digest")
     meta["feature_dtype"] = attrs.get("feature_dtype")
@@ -393,7 +395,7 @@ def run_checkpoint(
     if rejected:
         why = problem or "rank 0 rejected the merged statistics (see its error)"
         raise CacheError(
-            f"{ckpt}: the {W} shards do not form one extraction: {why}; the shards stay "
+            f"{ckpt}: the {W} shards do not form one extraction: {why}; new shards stay "
             "unpublished (.partial); delete them and extract again"
         )
     if group.rank == 0:
