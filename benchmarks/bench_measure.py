@@ -97,15 +97,28 @@ def stats_only_cache(path: Path, d: int, K: int, n_per: int = 3) -> None:
 
 
 def peak_rss_mb(path: Path) -> float:
-    """Peak RSS of `nccli measure` on ``path`` in a fresh process (MB)."""
+    """Peak RSS of `nccli measure` on ``path`` in a fresh process (MB).
+
+    Read from /proc/self/status (VmHWM belongs to the new address space; ru_maxrss would
+    carry over the high-water mark of the forking parent)."""
     code = (
-        "import resource, sys; from nccli import measure; measure(sys.argv[1]);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "import sys; from nccli import measure; measure(sys.argv[1]);"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
     )
-    return float(out.stdout.strip())
+    return float(out.stdout.strip()) / 1024
+
+
+def import_rss_mb() -> float:
+    """Peak RSS of a process that only imports nccli (MB): the baseline."""
+    code = (
+        "import nccli;"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip()) / 1024
 
 
 def main() -> None:
@@ -152,7 +165,9 @@ def main() -> None:
         print(f"\nmeasure from stored statistics, K=1000, d=2048, no NC4 pass: {t_stats:.3f} s")
         results.append({"stats_only_K1000_d2048_s": t_stats})
 
-        print("\npeak RSS of `measure` (fresh process):")
+        print(
+            f"\npeak RSS of `measure` (fresh process; importing nccli alone: {import_rss_mb():.0f} MB):"
+        )
         for N in (20_000, 100_000):
             path = tmp / f"m_{N}.h5"
             make_features(path, N, 512, 100)

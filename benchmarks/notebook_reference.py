@@ -26,7 +26,7 @@ def notebook_metrics(
     sigma_w /= H.shape[0]
     M = means - mu_g
     sigma_b = M.T @ M / K
-    nc1 = float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, rcond=1e-8)) / K)
+    nc1 = float(np.trace(sigma_w @ np.linalg.pinv(sigma_b, rcond=1e-8, hermitian=True)) / K)
     mismatch = 0
     for i in range(H.shape[0]):  # per-sample nearest-class-centre decision
         pred = int(np.argmax(W @ H[i] + b))

@@ -63,6 +63,13 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), device=device)
 
 
+def _all_finite(h: torch.Tensor) -> bool:
+    """``isfinite(h).all()``; through numpy on the CPU, where it is several times faster."""
+    if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(h.numpy()).all())
+    return bool(torch.isfinite(h).all())
+
+
 def check_batch(
     h: torch.Tensor, y: torch.Tensor, num_classes: int, dim: int, src: str = "features"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,13 +105,71 @@ def check_batch(
             )
     if not h.dtype.is_floating_point:
         h = h.to(torch.float64)
-    if h.numel() and not bool(torch.isfinite(h).all()):
+    if h.numel() and not _all_finite(h):
         bad = int((~torch.isfinite(h)).any(dim=1).sum().item())
         raise DataError(
             f"{src}: {bad} feature rows contain NaN or Inf; fix the model/inputs "
             "or drop those samples (--skip-nonfinite)"
         )
     return h, y
+
+
+#: tests set this to run the device (torch) reduction on the CPU and compare both paths
+_FORCE_TORCH_PATH = False
+
+
+def _reduce_batch_torch(
+    h: torch.Tensor, y: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch counts, class means, centred rows and per-class sums of squares (float64), on
+    the batch's device: the GPU path."""
+    h = h.to(torch.float64)
+    cnt = torch.bincount(y, minlength=K)
+    sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device)
+    sums.index_add_(0, y, h)
+    bmeans = sums / cnt.clamp_min(1).to(torch.float64)[:, None]
+    centred = h - bmeans[y]
+    bss = torch.zeros(K, dtype=torch.float64, device=h.device)
+    bss.index_add_(0, y, (centred * centred).sum(dim=1))
+    return cnt, bmeans, centred, bss
+
+
+def _reduce_batch_numpy(
+    h: torch.Tensor, y: torch.Tensor, K: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same reduction as :func:`_reduce_batch_torch` with numpy on the CPU, where its
+    elementwise kernels measured 2–8× faster than torch's (this is the hot loop of
+    ``measure`` on feature files); results are handed back as zero-copy tensors."""
+    hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
+    yn = y.numpy()
+    owned = hn.dtype != np.float64
+    hn = hn.astype(np.float64)  # a private copy unless already float64 (then shared)
+    cnt = np.bincount(yn, minlength=K)
+    sums = torch.zeros(K, hn.shape[1], dtype=torch.float64)
+    sums.index_add_(0, y, torch.from_numpy(hn))
+    bmeans = sums.numpy() / np.maximum(cnt, 1)[:, None]
+    if owned:
+        hn -= bmeans[yn]  # centre in place: the float64 copy is ours
+        centred = hn
+    else:
+        centred = hn - bmeans[yn]
+    bss = np.bincount(yn, weights=np.einsum("ij,ij->i", centred, centred), minlength=K)
+    return (
+        torch.from_numpy(cnt.astype(np.int64)),
+        torch.from_numpy(bmeans),
+        torch.from_numpy(centred),
+        torch.from_numpy(bss.astype(np.float64)),
+    )
+
+
+def _gram(X: torch.Tensor) -> torch.Tensor:
+    """``XᵀX`` in float64.  On the CPU numpy's ``X.T @ X`` runs a symmetric rank-k update
+    (syrk: half the flops of a general GEMM, measured 2× faster than torch's matmul here);
+    on a GPU the matmul stays on the device."""
+    if X.device.type == "cpu":
+        Xn = X.numpy()
+        return torch.from_numpy(Xn.T @ Xn)
+    return X.T @ X
 
 
 class ClassStats:
@@ -239,15 +304,10 @@ class ClassStats:
         h, y = self._check_batch(h, y)
         if h.shape[0] == 0:
             return self
-        h = h.to(torch.float64)
-        K = self.num_classes
-        cnt = torch.bincount(y, minlength=K)
-        sums = torch.zeros(K, self.dim, dtype=torch.float64, device=self.device)
-        sums.index_add_(0, y, h)
-        bmeans = sums / cnt.clamp_min(1).to(torch.float64)[:, None]
-        centred = h - bmeans[y]
-        bss = torch.zeros(K, dtype=torch.float64, device=self.device)
-        bss.index_add_(0, y, (centred * centred).sum(dim=1))
+        if self.device.type == "cpu" and not _FORCE_TORCH_PATH:
+            cnt, bmeans, centred, bss = _reduce_batch_numpy(h, y, self.num_classes)
+        else:
+            cnt, bmeans, centred, bss = _reduce_batch_torch(h, y, self.num_classes)
         self._merge_parts(cnt, bmeans, centred, bss)
         return self
 
@@ -296,13 +356,9 @@ class ClassStats:
         self._means = self._means + delta * frac[:, None]
         idx = torch.nonzero(both).reshape(-1)
         cross = delta[idx] * w[idx].sqrt()[:, None]  # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross
-        if centred_b is not None:
-            rows = torch.cat([centred_b, cross], dim=0) if idx.numel() else centred_b
-            self._scatter += rows.T @ rows
-        else:
-            self._scatter += scatter
-            if idx.numel():
-                self._scatter += cross.T @ cross
+        self._scatter += _gram(centred_b) if centred_b is not None else scatter
+        if idx.numel():
+            self._scatter += _gram(cross)
         self._class_ss += ss_b + w * (delta * delta).sum(dim=1)
         self._counts = n
         self._memo = {}
