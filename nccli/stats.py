@@ -232,9 +232,11 @@ class ClassStats:
             value = self._memo[key] = fn()
             return value
 
-    def _frozen(self, key: str, fn: Any) -> np.ndarray:
+    def _frozen(self, key: Any, fn: Any, *, fresh: bool = False) -> np.ndarray:
+        """Memoised read-only array; ``fresh``: ``fn`` returns a new array (no copy needed)."""
+
         def make() -> np.ndarray:
-            arr = np.array(fn(), copy=True)
+            arr = np.asarray(fn()) if fresh else np.array(fn(), copy=True)
             arr.flags.writeable = False  # shared between metrics: nobody may edit it
             return arr
 
@@ -261,10 +263,12 @@ class ClassStats:
         """Pooled within-class scatter ``S_W = N·Σ_W`` (d, d), float64, symmetric."""
 
         def sym() -> np.ndarray:
-            s = self._scatter
-            return (0.5 * (s + s.T)).cpu().numpy()
+            s = self._scatter.cpu().numpy()
+            out = s + s.T  # symmetrise away the rounding of the accumulated GEMMs
+            out *= 0.5
+            return out
 
-        return self._frozen("scatter", sym)
+        return self._frozen("scatter", sym, fresh=True)
 
     @property
     def class_ss(self) -> np.ndarray:
@@ -285,9 +289,10 @@ class ClassStats:
                 return np.zeros(self.dim)
             if center == "classmean":
                 return means[present].mean(axis=0)
-            return (counts[present, None] * means[present]).sum(axis=0) / counts.sum()
+            # rows of empty classes are 0 and weigh 0: one GEMV over all classes
+            return (counts.astype(np.float64) @ means) / counts.sum()
 
-        return self._frozen(("global_mean", center), compute)
+        return self._frozen(("global_mean", center), compute, fresh=True)
 
     # ----------------------------------------------------------------- update
     def _check_batch(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

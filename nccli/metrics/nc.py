@@ -37,10 +37,10 @@ def _present(stats: ClassStats) -> np.ndarray:
 
 def centred_means(stats: ClassStats, center: str = "global") -> np.ndarray:
     """``M = [μ_k - μ_G]`` as a (K, d) array (read-only; every class must have samples)."""
-    present = _present(stats)
+    _present(stats)  # raises Undefined unless every class has samples
 
     def compute() -> np.ndarray:
-        M = stats.means[present] - stats.global_mean(center)
+        M = stats.means - stats.global_mean(center)  # every class is present here
         M.flags.writeable = False
         return M
 
@@ -92,7 +92,8 @@ def reduced_means(stats: ClassStats, center: str = "global") -> np.ndarray:
         e[-1] = 1.0
         v = c + np.copysign(1.0, c[-1]) * e  # H = I - 2vvᵀ/vᵀv maps c to ∓e_K
         v /= np.linalg.norm(v)
-        HM = M - 2.0 * np.outer(v, v @ M)
+        HM = np.outer(-2.0 * v, v @ M)
+        HM += M
         return HM[:-1]
 
     return stats.memo(("reduced_means", center), compute)
