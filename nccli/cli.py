@@ -166,6 +166,26 @@ WideOpt = Annotated[
 OutOpt = Annotated[
     Path | None, typer.Option("--output", "-o", help="Write data here instead of stdout.")
 ]
+# options shared by measure and compare
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer",
+        "-l",
+        help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
+    ),
+]
+CenterOpt = Annotated[
+    str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
+]
+NumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes",
+        "-k",
+        help="K for feature files without a classifier (default: max label + 1).",
+    ),
+]
 
 
 @app.command(rich_help_panel="Analyse")
@@ -174,14 +194,7 @@ def measure(
         list[Path],
         typer.Argument(help="nccli caches, shard sets, directories, or .npz/.h5 feature files."),
     ],
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer",
-            "-l",
-            help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
-        ),
-    ] = None,
+    layer: LayerOpt = None,
     metrics: Annotated[
         str | None,
         typer.Option(
@@ -197,9 +210,7 @@ def measure(
             "--per-class", help="Add per-class rows: n_k, σ_k², ||μ_k||, ||w_k||, cosines."
         ),
     ] = False,
-    center: Annotated[
-        str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
-    ] = "global",
+    center: CenterOpt = "global",
     recompute: Annotated[
         bool,
         typer.Option(
@@ -207,14 +218,7 @@ def measure(
             help="Stream the cached features again instead of using stored statistics.",
         ),
     ] = False,
-    num_classes: Annotated[
-        int | None,
-        typer.Option(
-            "--num-classes",
-            "-k",
-            help="K for feature files without a classifier (default: max label + 1).",
-        ),
-    ] = None,
+    num_classes: NumClassesOpt = None,
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", help="Rows per chunk for streaming passes.", min=1)
     ] = 8192,
@@ -347,14 +351,7 @@ def compare(
             "(run − baseline).",
         ),
     ] = None,
-    layer: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layer",
-            "-l",
-            help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
-        ),
-    ] = None,
+    layer: LayerOpt = None,
     metrics: Annotated[
         str | None,
         typer.Option(
@@ -394,17 +391,8 @@ def compare(
             help="Also draw metrics vs epoch (log scales) to this .png/.pdf/.svg (needs nccli\\[plot]).",
         ),
     ] = None,
-    center: Annotated[
-        str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
-    ] = "global",
-    num_classes: Annotated[
-        int | None,
-        typer.Option(
-            "--num-classes",
-            "-k",
-            help="K for feature files without a classifier (default: max label + 1).",
-        ),
-    ] = None,
+    center: CenterOpt = "global",
+    num_classes: NumClassesOpt = None,
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
     output: OutOpt = None,

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
 import math
 import os
 import queue
@@ -63,7 +62,7 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from nccli.errors import CacheError, DataError, NCError, UsageError
-from nccli.io._util import one_line
+from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import Cache, CacheWriter, LayerSpec, _attr, is_cache, partial_path
 from nccli.stats import ClassStats
 
@@ -604,14 +603,6 @@ class _Settings:
     skip_nonfinite: bool = False  # drop samples with NaN/Inf in any layer, from every layer
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _row_range(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
     """The contiguous, disjoint slice of ``n`` rows that ``rank`` of ``world_size`` takes
     (no padding duplicates: they would bias the statistics)."""
@@ -874,7 +865,7 @@ class _Run:
 
         cfg = self.cfg
         if out_path.exists() and not cfg.overwrite and ckpt.is_file():
-            if _check_existing(out_path, _sha256(ckpt), self.ds, self.split, cfg):
+            if _check_existing(out_path, file_sha256(ckpt), self.ds, self.split, cfg):
                 self.note(f"{out_path}: already extracted, skipped (pass --overwrite to redo it)")
                 return out_path
         loaded = load_model(

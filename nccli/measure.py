@@ -8,9 +8,10 @@ one GEMM per chunk.  Memory is one chunk plus ``O(d² + K·d)``; nothing is N×N
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,12 +263,8 @@ def measure(
     drops the NaN/Inf rows of feature files (a note counts them per class) instead of
     refusing the file.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
-    if center not in ("global", "classmean"):
-        raise UsageError(f"--center must be 'global' or 'classmean', got {center!r}")
     opts = MeasureOptions(
         layers=layers,
         metrics=metrics,
@@ -282,10 +279,26 @@ def measure(
         head_depth=head_depth,
         geometry=geometry,
     )
-    analyses.validate_options(opts)
-    sources = open_sources(list(paths), num_classes=num_classes, skip_nonfinite=skip_nonfinite)
-    try:
+    with opened_sources(paths, opts, skip_nonfinite=skip_nonfinite) as sources:
         return measure_sources(sources, opts)
+
+
+@contextlib.contextmanager
+def opened_sources(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    opts: MeasureOptions,
+    *,
+    skip_nonfinite: bool = False,
+) -> Iterator[list[Source]]:
+    """Check ``opts`` and open every input; the sources are closed on exit."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if opts.center not in ("global", "classmean"):
+        raise UsageError(f"--center must be 'global' or 'classmean', got {opts.center!r}")
+    analyses.validate_options(opts)
+    sources = open_sources(list(paths), num_classes=opts.num_classes, skip_nonfinite=skip_nonfinite)
+    try:
+        yield sources
     finally:
         for s in sources:
             s.close()

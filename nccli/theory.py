@@ -41,9 +41,8 @@ from rich.panel import Panel
 from rich.table import Table
 
 from nccli import analyses
-from nccli.errors import UsageError
-from nccli.io.sources import Source, open_sources
-from nccli.measure import MeasureOptions, measure_layer, per_class_table
+from nccli.io.sources import Source
+from nccli.measure import MeasureOptions, measure_layer, opened_sources, per_class_table
 from nccli.metrics import METRICS, MetricSet
 from nccli.metrics import deep_linear as deep
 from nccli.metrics.nc import Undefined
@@ -504,10 +503,6 @@ def theory_report(
     chunk_rows: int = 8192,
 ) -> pd.DataFrame:
     """The theory report of each input as a frame with :data:`COLUMNS` (all strings)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    if center not in ("global", "classmean"):
-        raise UsageError(f"--center must be 'global' or 'classmean', got {center!r}")
     opts = MeasureOptions(
         center=center,
         recompute=recompute,
@@ -518,15 +513,10 @@ def theory_report(
         wd_classifier=wd_classifier,
         head_depth=head_depth,
     )
-    analyses.validate_options(opts)
-    sources = open_sources(list(paths), num_classes=num_classes)
     rows: list[dict[str, str]] = []
-    try:
+    with opened_sources(paths, opts) as sources:
         for src in sources:
             rows.extend(theory_rows(src, opts))
-    finally:
-        for s in sources:
-            s.close()
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["notes"] = []
     return df

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -10,10 +11,19 @@ from typing import Any
 
 from nccli.errors import UsageError
 
-__all__ = ["IMPORT_SPEC", "import_object", "one_line"]
+__all__ = ["IMPORT_SPEC", "file_sha256", "import_object", "one_line"]
 
 #: ``pkg.module:attr`` or ``pkg.module:Class.attr``
 IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def one_line(exc: BaseException | str, limit: int = 200) -> str:

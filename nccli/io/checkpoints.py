@@ -24,7 +24,6 @@ named submodules hooks need.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -43,7 +42,7 @@ from torch import nn
 
 from nccli import zoo
 from nccli.errors import CheckpointError, UnsafeCheckpointError, UsageError
-from nccli.io._util import import_object, one_line
+from nccli.io._util import file_sha256, import_object, one_line
 
 __all__ = ["LoadedCheckpoint", "load_model"]
 
@@ -103,7 +102,7 @@ def load_model(
     if arch is not None and model is not None:
         raise UsageError(f"{p}: pass either --arch or --model, not both")
     _check_file(p)
-    digest = _sha256(p)
+    digest = file_sha256(p)
     kind = _detect_format(p)
 
     meta: dict[str, str] = {}
@@ -194,14 +193,6 @@ def _check_file(p: Path) -> None:
             f"{p}: file is empty (0 bytes); the save was probably interrupted, re-save or "
             "re-copy it"
         )
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with p.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _corrupt(p: Path, what: str, exc: BaseException | str) -> CheckpointError:
