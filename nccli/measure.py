@@ -198,7 +198,7 @@ def measure_sources(
                     if note not in opts.notes:
                         opts.notes.append(note)
             if opts.per_class:
-                stats = view.stats(recompute=False)
+                stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
                 table = per_class_table(view, stats, opts.center)
                 table = analyses.per_class_predictions(
                     view, stats, opts, list(src.layers.values()), table
@@ -216,7 +216,7 @@ def measure_sources(
                             }
                         )
             if opts.geometry:
-                stats = view.stats(recompute=False)
+                stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
                 for row in analyses.cosine_rows(view, stats, opts):
                     rows.append(
                         {"source": src.label, "epoch": src.epoch, "layer": view.name, **row}

@@ -57,10 +57,16 @@ def stats_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
+def as_tensor(x: ArrayLike, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A tensor view (or copy) of ``x`` on ``device``.  numpy input is made contiguous in
+    native byte order first: torch refuses big-endian data (an HDF5 file written as
+    ``>f4``) and negative strides (``h[::-1]``)."""
     if isinstance(x, torch.Tensor):
         return x.detach().to(device)
-    return torch.as_tensor(np.asarray(x), device=device)
+    a = np.asarray(x)
+    if a.dtype.byteorder not in ("=", "|"):
+        a = a.astype(a.dtype.newbyteorder("="))
+    return torch.as_tensor(np.ascontiguousarray(a), device=device)
 
 
 def _all_finite(h: torch.Tensor) -> bool:
@@ -90,12 +96,9 @@ def check_batch(
         raise DataError(
             f"{src}: {h.shape[0]} feature rows but {y.shape[0]} labels; they must match"
         )
-    if y.dtype.is_floating_point:
-        if not bool(torch.all(y == torch.round(y))):
-            raise DataError(f"{src}: labels are fractional floats; class labels must be integers")
-        y = y.to(torch.int64)
-    else:
-        y = y.to(torch.int64)
+    if y.dtype.is_floating_point and not bool(torch.all(y == torch.round(y))):
+        raise DataError(f"{src}: labels are fractional floats; class labels must be integers")
+    y = y.to(torch.int64)
     if y.numel():
         lo, hi = int(y.min().item()), int(y.max().item())
         if lo < 0 or hi >= num_classes:
@@ -143,7 +146,7 @@ def _reduce_batch_numpy(
     hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
     yn = y.numpy()
     owned = hn.dtype != np.float64
-    hn = hn.astype(np.float64)  # a private copy unless already float64 (then shared)
+    hn = hn.astype(np.float64, copy=False)  # a private copy unless already float64 (shared)
     cnt = np.bincount(yn, minlength=K)
     sums = torch.zeros(K, hn.shape[1], dtype=torch.float64)
     sums.index_add_(0, y, torch.from_numpy(hn))
@@ -304,8 +307,8 @@ class ClassStats:
         The batch is promoted to float64 on the statistics' device, reduced two-pass
         (batch class means, then one GEMM for the centred scatter), and merged.
         """
-        h = _as_tensor(features, self.device)
-        y = _as_tensor(labels, self.device)
+        h = as_tensor(features, self.device)
+        y = as_tensor(labels, self.device)
         h, y = self._check_batch(h, y)
         if h.shape[0] == 0:
             return self

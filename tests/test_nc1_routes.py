@@ -42,3 +42,22 @@ def test_cond_from_gram_matches_svd():
     via_gram = cond(st)  # many classes: singular values from the reduced Gram
     s = np.linalg.svd(nc.centred_means(st), compute_uv=False)
     assert via_gram == pytest.approx(s[0] / s[len(s) - 2], rel=1e-8)
+
+
+def test_gram_route_respects_rtol():
+    """A singular value between rtol·s_max and the Gram route's margin sends nc1 to the SVD,
+    so both routes drop the same directions (METRICS.md: cut-off rtol·s_max)."""
+    rng = np.random.default_rng(1)
+    K, d = 64, 100
+    U, _ = np.linalg.qr(rng.normal(size=(d, K - 1)))
+    # P: K×(K-1) orthonormal columns orthogonal to 1, so P diag(s) Uᵀ are centred means
+    # (balanced classes) whose singular values are exactly s
+    P, _ = np.linalg.qr(np.eye(K)[:, 1:] - 1.0 / K)
+    s = np.ones(K - 1)
+    s[5] = 5e-3  # one direction of the class means 200× shorter than the others
+    y = np.repeat(np.arange(K), 5)
+    H = (P * s @ U.T)[y] + 1e-4 * rng.normal(size=(y.size, d))
+    st = ClassStats.from_arrays(H, y, K)
+    for rtol in (1e-2, 1e-8):
+        assert nc.nc1(st, rtol=rtol) == pytest.approx(nc.nc1(st, rtol=rtol, method="svd"), rel=1e-9)
+    assert nc.nc1(st, rtol=1e-2) < 0.5 * nc.nc1(st, rtol=1e-8)  # the cut-off matters here

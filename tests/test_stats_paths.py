@@ -59,3 +59,23 @@ def test_cuda_accumulation_matches_cpu():
         gpu.update(torch.from_numpy(H[s : s + 128]).cuda(), torch.from_numpy(y[s : s + 128]).cuda())
     assert gpu._scatter.device.type == "cuda"  # accumulated on the device
     _assert_same(gpu, ClassStats.from_arrays(H, y, K), rtol=1e-10)
+
+
+def test_big_endian_and_reversed_arrays(tmp_path):
+    """HDF5 files written big-endian and arrays with negative strides are accepted."""
+    import h5py
+
+    from nccli import measure
+
+    H, y, K = _data(4)
+    ref = ClassStats.from_arrays(H, y, K)
+    _assert_same(ClassStats.from_arrays(H[::-1], y[::-1], K), ref, rtol=1e-10)
+    _assert_same(ClassStats.from_arrays(H.astype(">f8"), y.astype(">i8"), K), ref)
+    path = tmp_path / "be.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=H.astype(">f8"))
+        f["labels"] = y
+    np.savez(tmp_path / "le.npz", features=H, labels=y)
+    a = measure(path, metrics="nc1,ncc_acc")["value"].to_numpy()
+    b = measure(tmp_path / "le.npz", metrics="nc1,ncc_acc")["value"].to_numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -59,16 +59,23 @@ class LayerView:
     classifier_weight: np.ndarray | None = None  # composite classifier acting on this layer
     classifier_bias: np.ndarray | None = None
     _stats: ClassStats | None = field(default=None, repr=False)
+    _recomputed: ClassStats | None = field(default=None, repr=False)
 
     def stats(self, recompute: bool = False, chunk_rows: int = 8192) -> ClassStats:
-        """Stored statistics, or a fresh streaming pass over the features."""
-        if self._stats is not None and not recompute:
-            return self._stats
+        """Stored statistics, or (``recompute``) those of one streaming pass over the
+        features — made once per view and reused by every later call that asks for them."""
+        if recompute:
+            if self._recomputed is None:
+                self._recomputed = self._stream(chunk_rows)
+            return self._recomputed
+        if self._stats is None:
+            self._stats = self._stream(chunk_rows)
+        return self._stats
+
+    def _stream(self, chunk_rows: int) -> ClassStats:
         st = ClassStats(self.source.num_classes, self.dim, source=f"{self.source.path}:{self.name}")
         for h, y in self.batches(chunk_rows):
             st.update(h, y)
-        if not recompute:
-            self._stats = st
         return st
 
     def batches(self, chunk_rows: int = 8192) -> Batches:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from nccli.errors import DataError
-from nccli.stats import ClassStats, check_batch
+from nccli.stats import ClassStats, as_tensor, check_batch
 
 
 class Undefined(ValueError):
@@ -99,7 +99,7 @@ def reduced_means(stats: ClassStats, center: str = "global") -> np.ndarray:
     return stats.memo(("reduced_means", center), compute)
 
 
-def _nc1_gram(stats: ClassStats, center: str) -> float | None:
+def _nc1_gram(stats: ClassStats, center: str, rtol: float = 1e-8) -> float | None:
     """``nc1`` through the reduced Gram ``G = M_r M_rᵀ`` (K-1 square) and
     ``A = M_r Σ_W M_rᵀ``: ``nc1 = Tr(G⁻¹ A G⁻¹)`` with a Cholesky solve — all BLAS-3, no
     d×K SVD.  Returns None (use the SVD) when ``G`` is not safely positive definite."""
@@ -113,7 +113,9 @@ def _nc1_gram(stats: ClassStats, center: str) -> float | None:
     eye = torch.eye(G.shape[0], dtype=torch.float64)
     Z = torch.cholesky_solve(eye, L).numpy()  # G⁻¹ from the factor (triangular solves)
     cond1 = np.abs(G).sum(axis=0).max() * np.abs(Z).sum(axis=0).max()
-    if not np.isfinite(cond1) or cond1 > GRAM_MAX_COND:
+    # κ₂(G) ≤ κ₁(G): below both bounds every singular value of M_r exceeds 10·rtol·s_max,
+    # so the SVD route would keep them all too, and G⁻¹ is accurate to ~eps·κ
+    if not np.isfinite(cond1) or cond1 > min(GRAM_MAX_COND, 1.0 / (100.0 * rtol * rtol)):
         return None
     sigma_w = stats.scatter / stats.n
     A = Mr @ (sigma_w @ Mr.T)
@@ -138,7 +140,7 @@ def nc1(
         raise ValueError(f"unknown nc1 method {method!r}")
     centred_means(stats, center)  # raises Undefined for missing classes first
     if method == "gram" or (method == "auto" and stats.num_classes >= GRAM_MIN_CLASSES):
-        value = _nc1_gram(stats, center)
+        value = _nc1_gram(stats, center, rtol)
         if value is not None:
             return value
         if method == "gram":
@@ -356,26 +358,34 @@ def nc4_pass(
     Wn, bn = check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
     K = Wn.shape[0]
     b = bn if bn is not None else np.zeros(K)
-    mu = stats.means
+    # distances are shift-invariant: measure them from μ_G so a large common offset of the
+    # features does not eat the digits that separate the classes
+    mu_g = stats.global_mean("global")
+    mu = stats.means - mu_g
     mu_sq = np.sum(mu * mu, axis=1)
     mu_sq[stats.counts == 0] = np.inf
     both = np.ascontiguousarray(np.concatenate([Wn, mu], axis=0).T)  # d × 2K: one GEMM/chunk
+    # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
+    b = b + Wn @ mu_g
     on_cpu = dev.type == "cpu"
     if not on_cpu:
-        both_t, b_t, mu_sq_t = (torch.as_tensor(a, device=dev) for a in (both, b, mu_sq))
+        both_t, b_t, mu_sq_t, mu_g_t = (
+            torch.as_tensor(a, device=dev) for a in (both, b, mu_sq, mu_g)
+        )
     n = mismatch = correct = ncc_correct = 0
     for h, y in batches:
-        h = torch.as_tensor(np.asarray(h) if not isinstance(h, torch.Tensor) else h).to(dev)
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).to(dev)
+        h, y = as_tensor(h, dev), as_tensor(y, dev)
         h, y = check_batch(h, y, K, stats.dim, stats.source)
         if on_cpu:  # numpy: its GEMM and argmax measured faster than torch's on the CPU
             hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
-            prod = hn.astype(np.float64, copy=False) @ both
+            hc = hn.astype(np.float64)  # always a copy: centred in place
+            hc -= mu_g
+            prod = hc @ both
             pred = np.argmax(prod[:, :K] + b, axis=1)
             ncc = np.argmin(mu_sq - 2.0 * prod[:, K:], axis=1)
             yn = y.numpy()
         else:
-            prod = h.to(torch.float64) @ both_t
+            prod = (h.to(torch.float64) - mu_g_t) @ both_t
             pred = torch.argmax(prod[:, :K] + b_t, dim=1).cpu().numpy()
             ncc = torch.argmin(mu_sq_t - 2.0 * prod[:, K:], dim=1).cpu().numpy()
             yn = y.cpu().numpy()
