@@ -519,6 +519,12 @@ class ClassStats:
         st._means = torch.as_tensor(means.astype(np.float64, copy=False))
         st._scatter = torch.as_tensor(scatter.astype(np.float64, copy=False))
         st._class_ss = torch.as_tensor(class_ss.astype(np.float64, copy=False))
+        if np.array_equal(scatter[:8], scatter[:, :8].T):
+            # written symmetrised by to_h5 (and checksummed): serve it as the symmetric
+            # scatter without another d×d pass; a private copy, since the tensor shares it
+            sym = np.array(scatter, dtype=np.float64)
+            sym.flags.writeable = False
+            st._memo["scatter"] = sym
         return st
 
     def __repr__(self) -> str:

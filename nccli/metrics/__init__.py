@@ -165,7 +165,10 @@ def compute_metrics(
         return nc.centred_means(stats, center)
 
     def mean_vectors() -> nc.Vectors:
-        return stats.memo(("vectors", center), lambda: nc.Vectors(means(), "centred class mean"))
+        return stats.memo(
+            ("vectors", center),
+            lambda: nc.Vectors(means(), "centred class mean", nc.centred_gram(stats, center)),
+        )
 
     calc: dict[str, Callable[[], float]] = {
         "nc1": lambda: nc.nc1(stats, center, rtol),

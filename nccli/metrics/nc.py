@@ -86,17 +86,47 @@ def reduced_means(stats: ClassStats, center: str = "global") -> np.ndarray:
     M = centred_means(stats, center)
 
     def compute() -> np.ndarray:
-        K = M.shape[0]
-        c = _null_direction(stats, center)
-        e = np.zeros(K)
-        e[-1] = 1.0
-        v = c + np.copysign(1.0, c[-1]) * e  # H = I - 2vvᵀ/vᵀv maps c to ∓e_K
-        v /= np.linalg.norm(v)
+        v = _householder(stats, center)
         HM = np.outer(-2.0 * v, v @ M)
         HM += M
         return HM[:-1]
 
     return stats.memo(("reduced_means", center), compute)
+
+
+def _householder(stats: ClassStats, center: str) -> np.ndarray:
+    """Unit ``v`` with ``H = I - 2vvᵀ`` mapping the centring direction ``c`` to ∓e_K."""
+    c = _null_direction(stats, center)
+    v = c.copy()
+    v[-1] += np.copysign(1.0, c[-1])
+    return v / np.linalg.norm(v)
+
+
+def centred_gram(stats: ClassStats, center: str = "global") -> np.ndarray:
+    """``M Mᵀ`` (K×K) of the centred means, computed once: shared by NC2 (``etf_dist``,
+    cosines), ``cdnv`` (distances between means) and the Gram route of ``nc1``."""
+    M = centred_means(stats, center)
+
+    def compute() -> np.ndarray:
+        G = M @ M.T
+        G.flags.writeable = False
+        return G
+
+    return stats.memo(("centred_gram", center), compute)
+
+
+def reduced_gram(stats: ClassStats, center: str = "global") -> np.ndarray:
+    """``M_r M_rᵀ`` ((K-1) square) from :func:`centred_gram` by the Householder reflection
+    on both sides, ``HGH = G - 2v gᵀ - 2g vᵀ + 4(vᵀg) vvᵀ`` with ``g = Gv``: O(K²)."""
+    G = centred_gram(stats, center)
+
+    def compute() -> np.ndarray:
+        v = _householder(stats, center)
+        g = G @ v
+        HGH = G - 2.0 * np.outer(v, g) - 2.0 * np.outer(g, v) + 4.0 * float(v @ g) * np.outer(v, v)
+        return HGH[:-1, :-1]
+
+    return stats.memo(("reduced_gram", center), compute)
 
 
 def _nc1_gram(stats: ClassStats, center: str, rtol: float = 1e-8) -> float | None:
@@ -106,8 +136,8 @@ def _nc1_gram(stats: ClassStats, center: str, rtol: float = 1e-8) -> float | Non
     if stats.dim < stats.num_classes - 1:
         return None
     Mr = reduced_means(stats, center)
-    G = Mr @ Mr.T
-    L, info = torch.linalg.cholesky_ex(torch.from_numpy(G))
+    G = reduced_gram(stats, center)
+    L, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(G)))
     if int(info) != 0:
         return None  # not positive definite: d < K-1 or coinciding means
     eye = torch.eye(G.shape[0], dtype=torch.float64)
@@ -165,8 +195,7 @@ def means_singular_values(stats: ClassStats, center: str = "global") -> np.ndarr
         return means_svd(stats, center)[1]
 
     def compute() -> np.ndarray:
-        Mr = reduced_means(stats, center)
-        lam = np.linalg.eigvalsh(Mr @ Mr.T)[::-1]
+        lam = np.linalg.eigvalsh(reduced_gram(stats, center))[::-1]
         s = np.sqrt(np.clip(lam, 0.0, None))
         return np.concatenate([s, [0.0]])
 
@@ -186,10 +215,12 @@ def nc1_trace(stats: ClassStats, center: str = "global") -> float:
 def cdnv(stats: ClassStats) -> float:
     """``mean_{k<l} (σ_k² + σ_l²) / (2 ||μ_k - μ_l||²)`` (Galanti et al. 2022)."""
     present = _present(stats)
-    mu = stats.means[present]
+    # distances are shift-invariant: take them from the centred means and their shared Gram
+    mu = centred_means(stats, "global")
+    gram = centred_gram(stats, "global")
     var = stats.class_ss[present] / stats.counts[present]
-    sq = np.sum(mu * mu, axis=1)
-    dist2 = sq[:, None] + sq[None, :] - 2.0 * (mu @ mu.T)
+    sq = np.diag(gram).copy()
+    dist2 = sq[:, None] + sq[None, :] - 2.0 * gram
     # the Gram form can lose digits when means are close: recompute those pairs directly
     k, l = np.triu_indices(mu.shape[0], 1)
     d2 = dist2[k, l]
@@ -210,10 +241,10 @@ class Vectors:
     passes one per vector set so four metrics share one K×K×d product.
     """
 
-    def __init__(self, V: np.ndarray, what: str = "vector") -> None:
+    def __init__(self, V: np.ndarray, what: str = "vector", gram: np.ndarray | None = None) -> None:
         self.V = np.asarray(V, dtype=np.float64)
         self.what = what
-        self._gram: np.ndarray | None = None
+        self._gram = gram  # V Vᵀ when the caller already has it
 
     @property
     def K(self) -> int:
