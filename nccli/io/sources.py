@@ -27,6 +27,7 @@ import numpy as np
 from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
 from nccli.io.cache import Cache, is_cache
+from nccli.metrics.deep_linear import head_chain
 from nccli.stats import ClassStats
 
 _SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
@@ -113,27 +114,19 @@ class Source:
 def _compose_classifiers(views: list[LayerView], classifier: str | None) -> None:
     """Give each layer of the linear head the composite affine map of the layers above it.
 
-    Layers are in depth order; the chain is the run of consecutive linear modules ending at
-    the classifier: ``C_l = W_{L+1} ⋯ W_{l+1}``, ``c_l = W_{L+1}⋯W_{l+2} b_{l+1} + …``.
+    The chain is :func:`nccli.metrics.deep_linear.head_chain` (the run of connected linear
+    modules ending at the classifier): ``C_l = W_{L+1} ⋯ W_{l+1}``,
+    ``c_l = W_{L+1}⋯W_{l+2} b_{l+1} + …``.
     """
-    chain = [v for v in views if v.role in ("penultimate", "linear", "classifier")]
-    chain = [v for v in chain if v.weight is not None]
-    if not chain:
-        return
-    if classifier is not None and chain[-1].name != classifier:
+    chain = head_chain(views)
+    if not chain or (classifier is not None and chain[-1].name != classifier):
         return
     C: np.ndarray | None = None
     c: np.ndarray | None = None
     for v in reversed(chain):
         W = v.weight
         b = v.bias if v.bias is not None else np.zeros(W.shape[0])
-        if C is None:
-            C, c = W, b
-        else:
-            if C.shape[1] != W.shape[0]:
-                return  # not a chain after all: dimensions do not connect
-            c = C @ b + c
-            C = C @ W
+        C, c = (W, b) if C is None else (C @ W, C @ b + c)
         v.classifier_weight, v.classifier_bias = C, c
 
 
