@@ -13,6 +13,7 @@ Built models carry that string as ``model.nccli_arch``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Callable
@@ -163,78 +164,9 @@ def format_arch(name: str, kwargs: dict[str, Any]) -> str:
     return f"{name}:{body}" if body else name
 
 
-@register("mlp")
-def _mlp(
-    in_dim: int,
-    widths: list[int] | int,
-    num_classes: int,
-    head_depth: int = 0,
-    head_width: int | None = None,
-    head_bias: bool = True,
-    etf_classifier: bool = False,
-    classifier_bias: bool = True,
-) -> nn.Module:
-    return MLP(
-        in_dim,
-        widths,
-        num_classes,
-        head_depth=head_depth,
-        head_width=head_width,
-        head_bias=head_bias,
-        etf_classifier=etf_classifier,
-        classifier_bias=classifier_bias,
-    )
-
-
-@register("resnet18")
-def _resnet18(
-    num_classes: int,
-    in_channels: int = 3,
-    width: int = 64,
-    head_depth: int = 0,
-    head_width: int | None = None,
-    head_bias: bool = True,
-    etf_classifier: bool = False,
-    classifier_bias: bool = True,
-) -> nn.Module:
-    return ResNet18(
-        num_classes,
-        in_channels=in_channels,
-        width=width,
-        head_depth=head_depth,
-        head_width=head_width,
-        head_bias=head_bias,
-        etf_classifier=etf_classifier,
-        classifier_bias=classifier_bias,
-    )
-
-
-def _vgg_factory(depth: int) -> Factory:
-    def factory(
-        num_classes: int,
-        in_channels: int = 3,
-        width: int = 64,
-        head_depth: int = 0,
-        head_width: int | None = None,
-        head_bias: bool = True,
-        etf_classifier: bool = False,
-        classifier_bias: bool = True,
-    ) -> nn.Module:
-        return VGG(
-            depth,
-            num_classes,
-            in_channels=in_channels,
-            width=width,
-            head_depth=head_depth,
-            head_width=head_width,
-            head_bias=head_bias,
-            etf_classifier=etf_classifier,
-            classifier_bias=classifier_bias,
-        )
-
-    factory.__name__ = f"_vgg{depth}"
-    return factory
-
-
-register("vgg11")(_vgg_factory(11))
-register("vgg13")(_vgg_factory(13))
+# The model classes are the factories: build() validates keyword arguments against their
+# constructor signatures, so the recorded spec always names real parameters.
+register("mlp")(MLP)
+register("resnet18")(ResNet18)
+register("vgg11")(functools.partial(VGG, 11))
+register("vgg13")(functools.partial(VGG, 13))
