@@ -603,6 +603,14 @@ class _Settings:
     skip_nonfinite: bool = False  # drop samples with NaN/Inf in any layer, from every layer
 
 
+def _eval_mode(module: nn.Module) -> nn.Module:
+    """``module.eval()``; graphs from ``torch.export`` refuse train/eval switching (they are
+    captured in inference mode already), so that refusal is not an error here."""
+    with contextlib.suppress(NotImplementedError):
+        module.eval()
+    return module
+
+
 def _row_range(n: int, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
     """The contiguous, disjoint slice of ``n`` rows that ``rank`` of ``world_size`` takes
     (no padding duplicates: they would bias the statistics)."""
@@ -875,9 +883,7 @@ class _Run:
             trust_checkpoint=cfg.trust_checkpoint,
             map_location="cpu",
         )
-        model = loaded.module.to(cfg.device)
-        with contextlib.suppress(NotImplementedError):
-            model.eval()
+        model = _eval_mode(loaded.module.to(cfg.device))
         x_dtype = _input_dtype(model)
         src = str(ckpt)
         disc = discover_layers(model, self.probe.to(cfg.device, x_dtype), cfg.layers, source=src)
@@ -1426,9 +1432,7 @@ def describe_checkpoint(
     loaded = load_model(
         path, arch=arch, model=model, trust_checkpoint=trust_checkpoint, map_location="cpu"
     )
-    module = loaded.module.to(dev)
-    with contextlib.suppress(NotImplementedError):
-        module.eval()
+    module = _eval_mode(loaded.module.to(dev))
     if data is not None:
         from nccli.io.datasets import open_dataset
 

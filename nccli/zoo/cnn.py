@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nccli.errors import UsageError
-from nccli.zoo.heads import head_out_dim, make_classifier, make_head
+from nccli.zoo.heads import attach_head
 
 __all__ = ["VGG", "BasicBlock", "ResNet18"]
 
@@ -83,10 +83,13 @@ class ResNet18(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.head = make_head(planes, head_depth, head_width, head_bias)
-        self.classifier = make_classifier(
-            head_out_dim(planes, head_depth, head_width),
+        attach_head(
+            self,
+            planes,
             num_classes,
+            head_depth=head_depth,
+            head_width=head_width,
+            head_bias=head_bias,
             etf_classifier=etf_classifier,
             classifier_bias=classifier_bias,
         )
@@ -135,10 +138,13 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
-        self.head = make_head(c, head_depth, head_width, head_bias)
-        self.classifier = make_classifier(
-            head_out_dim(c, head_depth, head_width),
+        attach_head(
+            self,
+            c,
             num_classes,
+            head_depth=head_depth,
+            head_width=head_width,
+            head_bias=head_bias,
             etf_classifier=etf_classifier,
             classifier_bias=classifier_bias,
         )

@@ -87,3 +87,25 @@ def make_classifier(
         layer.weight.copy_(simplex_etf(num_classes, in_dim))
     layer.weight.requires_grad_(False)
     return layer
+
+
+def attach_head(
+    model: nn.Module,
+    in_dim: int,
+    num_classes: int,
+    *,
+    head_depth: int,
+    head_width: int | None,
+    head_bias: bool,
+    etf_classifier: bool,
+    classifier_bias: bool,
+) -> None:
+    """Give ``model`` its ``head`` (deep linear head on ``in_dim`` features) and
+    ``classifier`` modules — the same tail for every zoo architecture."""
+    model.head = make_head(in_dim, head_depth, head_width, head_bias)
+    model.classifier = make_classifier(
+        head_out_dim(in_dim, head_depth, head_width),
+        num_classes,
+        etf_classifier=etf_classifier,
+        classifier_bias=classifier_bias,
+    )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nccli.errors import UsageError
-from nccli.zoo.heads import head_out_dim, make_classifier, make_head
+from nccli.zoo.heads import attach_head
 
 __all__ = ["MLP"]
 
@@ -48,10 +48,13 @@ class MLP(nn.Module):
             blocks += [nn.Linear(d, w), nn.ReLU()]
             d = w
         self.body = nn.Sequential(*blocks)
-        self.head = make_head(d, head_depth, head_width, head_bias)
-        self.classifier = make_classifier(
-            head_out_dim(d, head_depth, head_width),
+        attach_head(
+            self,
+            d,
             num_classes,
+            head_depth=head_depth,
+            head_width=head_width,
+            head_bias=head_bias,
             etf_classifier=etf_classifier,
             classifier_bias=classifier_bias,
         )
