@@ -7,11 +7,19 @@ Python API::
     df = measure("cache/ep200.h5")          # tidy DataFrame: source, epoch, layer, metric, value
     extract(["ep200.pt"], "data.npz", arch="mlp:...", out_dir="cache/")
     result = compare(["cache/ep010.h5", "cache/ep200.h5"])   # trajectory + thresholds
+
+The names are imported on first use (PEP 562), so ``import nccli.stats`` or the CLI's
+``--help`` does not pay for the extraction machinery, and no submodule depends on this
+package face.
 """
 
 from __future__ import annotations
 
+import importlib as _importlib
 import os as _os
+import sys as _sys
+import types as _types
+from typing import TYPE_CHECKING, Any
 
 # torch's OpenMP threads busy-wait after each parallel region; numpy's BLAS threads,
 # which compute the metrics, then fight them for the cores (measured: an SVD right after
@@ -19,12 +27,48 @@ import os as _os
 # effect when nccli is imported before torch; set OMP_WAIT_POLICY yourself to override.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+from nccli._version import __version__  # noqa: E402
 
-from nccli.compare import compare  # noqa: E402
-from nccli.errors import NCError  # noqa: E402
-from nccli.extract import extract  # noqa: E402
-from nccli.measure import measure  # noqa: E402
-from nccli.stats import ClassStats  # noqa: E402
+#: public name -> module that defines it
+_API = {
+    "ClassStats": "nccli.stats",
+    "NCError": "nccli.errors",
+    "compare": "nccli.compare",
+    "extract": "nccli.extract",
+    "measure": "nccli.measure",
+}
 
 __all__ = ["ClassStats", "NCError", "__version__", "compare", "extract", "measure"]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from nccli.compare import compare
+    from nccli.errors import NCError
+    from nccli.extract import extract
+    from nccli.measure import measure
+    from nccli.stats import ClassStats
+
+
+class _Face(_types.ModuleType):
+    """The package module.  Importing ``nccli.extract`` (a package) would bind the
+    attribute ``nccli.extract`` to that module; the face keeps the *function* there, so
+    ``from nccli import extract`` means the same whatever was imported before."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _API and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Face
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(_importlib.import_module(_API[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'nccli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from nccli import __version__
+from nccli._version import __version__
 from nccli.analyses import Loss, ReportKind
 from nccli.compare import Across, By, RunFrom
 from nccli.errors import DataError, NCError, UsageError

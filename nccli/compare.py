@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nccli.errors import DataError, ThresholdExceeded, UsageError
+from nccli.io.names import strip_epoch_step
 from nccli.io.sources import Source, open_sources
 from nccli.measure import MeasureOptions, measure_sources
 from nccli.metrics import METRICS, select_metrics
@@ -158,20 +159,6 @@ class Violation:
 
 
 # ------------------------------------------------------------------------ runs
-_RUN_PART = re.compile(
-    r"(?:^|(?<=[^A-Za-z]))[_\-.=]*(?:epoch|step|iter|ep|it|e)[_=\-]?\d+(?=$|[^0-9A-Za-z])",
-    re.IGNORECASE,
-)
-
-
-def strip_epoch(stem: str) -> str | None:
-    """``run1_ep050`` → ``run1``; None when the stem has no epoch/step part or nothing else."""
-    if not _RUN_PART.search(stem):
-        return None
-    rest = _RUN_PART.sub("", stem).strip("_-.= ")
-    return rest or None
-
-
 def _file_stem(source: Source) -> str:
     name = Path(source.path).name
     for suffix in (".h5", ".hdf5", ".npz"):
@@ -209,7 +196,7 @@ def run_names(
     for s, parent in zip(sources, parents, strict=True):
         attr = _run_attr(s)
         dname = dirnames[parent] or _file_stem(s)
-        stem = strip_epoch(_file_stem(s))
+        stem = strip_epoch_step(_file_stem(s))
         if how is RunFrom.dir:
             out.append(dname)
         elif how is RunFrom.stem:

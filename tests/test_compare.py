@@ -14,9 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from nccli.cli import app
-from nccli.compare import compare, parse_threshold, run_names, strip_epoch
+from nccli.compare import compare, parse_threshold, run_names
 from nccli.errors import ThresholdExceeded, UsageError
 from nccli.io.cache import CacheWriter, LayerSpec
+from nccli.io.names import strip_epoch_step as strip_epoch
 from nccli.io.sources import open_sources
 from nccli.measure import measure
 from nccli.stats import ClassStats

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from nccli import measure, zoo
-from nccli.distributed import Launch, detect, shard_path, stale_shards
 from nccli.errors import CacheError, DataError, UsageError
 from nccli.extract import _row_range, extract
+from nccli.extract.distributed import Launch, detect, shard_path, stale_shards
 
 dist = pytest.importorskip("torch.distributed")
 if not (dist.is_available() and dist.is_gloo_available()):

@@ -41,6 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from nccli._version import __version__
 from nccli.errors import CacheError, DataError, NCError
 from nccli.io._util import one_line
 from nccli.stats import ClassStats
@@ -290,8 +291,6 @@ class CacheWriter:
     def _create(self) -> None:
         f = self.h5
         stamp(f, ROOT_ENCODING)
-        from nccli import __version__
-
         base = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nccli import zoo
+import nccli.zoo as zoo
 from nccli.errors import CheckpointError, UnsafeCheckpointError, UsageError
 from nccli.io._util import file_sha256, import_object, one_line
+from nccli.io.names import epoch_step_from_name
 
 __all__ = ["LoadedCheckpoint", "load_model"]
 
@@ -52,10 +53,6 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "mo
 STRIP_PREFIXES = ("module.", "model.", "_orig_mod.")
 _SCALARS = (str, int, float, bool)
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-_EPOCH_NAME = re.compile(r"(?<![a-z])(?:epoch|ep)[_=\-]?(\d+)", re.IGNORECASE)
-_STEP_NAME = re.compile(
-    r"(?<![a-z])(?:global_step|step|iteration|iter|it|checkpoint)[_=\-]?(\d+)", re.IGNORECASE
-)
 
 
 @dataclass
@@ -147,7 +144,7 @@ def load_model(
         epoch = _as_int(meta.get("epoch"))
     if step is None:
         step = _as_int(meta.get("step", meta.get("global_step")))
-    name_epoch, name_step = _numbers_from_name(p.name)
+    name_epoch, name_step = epoch_step_from_name(p.name)
     epoch = name_epoch if epoch is None else epoch
     step = name_step if step is None else step
 
@@ -515,10 +512,3 @@ def _as_int(value: Any) -> int | None:
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return None
-
-
-def _numbers_from_name(name: str) -> tuple[int | None, int | None]:
-    """Epoch and step from names like ``ep010.pt``, ``epoch=9-step=1000.ckpt``."""
-    e = _EPOCH_NAME.search(name)
-    s = _STEP_NAME.search(name)
-    return (int(e.group(1)) if e else None, int(s.group(1)) if s else None)

@@ -27,20 +27,11 @@ import numpy as np
 from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
 from nccli.io.cache import Cache, is_cache
+from nccli.io.names import epoch_step_from_name
 from nccli.metrics.deep_linear import head_chain
 from nccli.stats import ClassStats
 
 _SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
-_EPOCH = re.compile(r"(?:^|[^a-z])(?:epoch|ep|e)[_=\-]?(\d+)", re.IGNORECASE)
-_STEP = re.compile(r"(?:^|[^a-z])(?:step|iter|it)[_=\-]?(\d+)", re.IGNORECASE)
-
-
-def epoch_step_from_name(name: str) -> tuple[int | None, int | None]:
-    """Parse ``ep010`` / ``epoch_10`` / ``epoch=10`` / ``step1000`` from a file name."""
-    stem = Path(name).name
-    e = _EPOCH.search(stem)
-    s = _STEP.search(stem)
-    return (int(e.group(1)) if e else None, int(s.group(1)) if s else None)
 
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]

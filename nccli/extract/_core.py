@@ -62,6 +62,13 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from nccli.errors import CacheError, DataError, NCError, UsageError
+from nccli.extract.devices import (
+    AMP_DTYPES,
+    FEATURE_DTYPES,
+    device_label,
+    input_dtype,
+    resolve_device,
+)
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import Cache, CacheWriter, LayerSpec, _attr, is_cache, partial_path
 from nccli.stats import ClassStats
@@ -78,13 +85,6 @@ __all__ = [
 
 #: leaf modules a linear head may contain between its linear layers
 PASSTHROUGH = (nn.Flatten, nn.Identity, _DropoutNd)
-AMP_DTYPES: dict[str, torch.dtype | None] = {
-    "off": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-FEATURE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
-DEVICES = ("auto", "cpu", "cuda", "mps")
 #: seconds to sleep after every batch (tests kill a run mid-way with it)
 SLOW_BATCH_ENV = "NCCLI_TEST_SLOW_BATCH"
 #: samples in the discovery probe batch
@@ -462,43 +462,6 @@ def _find_head(
         break
     chain.reverse()
     return chain
-
-
-# =========================================================================== devices
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → cuda, then mps, then cpu; an unavailable explicit choice is a UsageError."""
-    name = str(device).lower()
-    if name not in DEVICES and not name.startswith("cuda:"):
-        raise UsageError(f"--device {device!r}: choose one of {', '.join(DEVICES)}")
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps is not None and mps.is_available())
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if has_mps else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
-            "use --device cpu or auto"
-        )
-    if name == "mps" and not has_mps:
-        raise UsageError("--device mps: Apple MPS is not available here; use --device cpu")
-    return torch.device(name)
-
-
-def _device_label(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return f"{dev} ({torch.cuda.get_device_name(dev)})"
-    return str(dev)
-
-
-def _input_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 # =========================================================================== writer thread
@@ -884,7 +847,7 @@ class _Run:
             map_location="cpu",
         )
         model = _eval_mode(loaded.module.to(cfg.device))
-        x_dtype = _input_dtype(model)
+        x_dtype = input_dtype(model)
         src = str(ckpt)
         disc = discover_layers(model, self.probe.to(cfg.device, x_dtype), cfg.layers, source=src)
         K = disc.num_logits
@@ -916,7 +879,7 @@ class _Run:
             "epoch": loaded.epoch,
             "step": loaded.step,
             "torch_version": str(torch.__version__),
-            "device": _device_label(cfg.device),
+            "device": device_label(cfg.device),
             "amp": cfg.amp,
             "command": cfg.command,
             "classifier": disc.classifier,
@@ -1274,7 +1237,7 @@ def extract(
         checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
     )
     dev = resolve_device(device)
-    from nccli import distributed as dist_mod
+    from nccli.extract import distributed as dist_mod
 
     launch = dist_mod.detect() if distributed is not False else None
     if distributed and launch is None:
@@ -1448,7 +1411,7 @@ def describe_checkpoint(
         # seeded noise rather than zeros: the head check compares values, and a hidden
         # relu between two linear layers is invisible on an all-zero probe
         probe = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
-    disc = discover_layers(module, probe.to(dev, _input_dtype(module)), layers, source=str(path))
+    disc = discover_layers(module, probe.to(dev, input_dtype(module)), layers, source=str(path))
     return {
         "path": str(path),
         "format": loaded.format,
