@@ -23,38 +23,48 @@ Raw moments (``Σ hhᵀ - N μμᵀ``) are never formed: near collapse the sprea
 the mean and the subtraction would cancel catastrophically.
 
 On a CUDA device the states live on the device and the batch never leaves it.
+
+The states are declared once, in :data:`STATES`; ``reset``, ``copy``, ``to``,
+``state_dict`` / ``from_state_dict`` (what the cache stores, :mod:`nccli.io.cache`) and
+``flatten`` / ``unflatten`` (what ranks all-gather, :mod:`nccli.extract.distributed`)
+iterate that table.  This module knows no file format.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from nccli.errors import DataError, UsageError
+from nccli.errors import CacheError, DataError, UsageError
 
 ArrayLike = Any  # numpy array or torch tensor
 
-#: encoding of the HDF5 group written by :meth:`ClassStats.to_h5`
-ENCODING_TYPE = "nccli-classstats"
-ENCODING_VERSION = "1"
-#: on-disk dtype of each state, in the order the checksum covers them
-STATE_DTYPES = {"counts": "<i8", "means": "<f8", "scatter": "<f8", "class_ss": "<f8"}
+
+@dataclass(frozen=True)
+class State:
+    """One declared state: its name, dtype and shape as a function of ``(K, d)``."""
+
+    name: str
+    dtype: torch.dtype
+    shape: Callable[[int, int], tuple[int, ...]]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """Little-endian numpy dtype of the state (how it is stored)."""
+        return np.dtype("<i8" if self.dtype == torch.int64 else "<f8")
 
 
-def stats_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the four state arrays (name, shape and little-endian bytes, in a fixed
-    order): what :meth:`ClassStats.to_h5` stores as the ``sha256`` attribute and
-    :meth:`ClassStats.from_h5` checks.  It detects corruption of a cache, not a deliberate
-    rewrite (whoever can edit the file can recompute it)."""
-    h = hashlib.sha256(f"{ENCODING_TYPE}/{ENCODING_VERSION}".encode())
-    for name, dtype in STATE_DTYPES.items():
-        a = np.ascontiguousarray(arrays[name], dtype=dtype)
-        h.update(f"|{name}{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
+#: every state is a sum-type state merged with the pairwise update
+STATES: tuple[State, ...] = (
+    State("counts", torch.int64, lambda K, d: (K,)),
+    State("means", torch.float64, lambda K, d: (K, d)),
+    State("scatter", torch.float64, lambda K, d: (d, d)),
+    State("class_ss", torch.float64, lambda K, d: (K,)),
+)
 
 
 def as_tensor(x: ArrayLike, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -191,8 +201,8 @@ class ClassStats:
         a name used in error messages (a file path, usually).
     """
 
-    #: every state is a sum-type state merged with the pairwise update
-    states = ("counts", "means", "scatter", "class_ss")
+    #: the names of :data:`STATES`, in order
+    states = tuple(st.name for st in STATES)
 
     def __init__(
         self,
@@ -215,11 +225,11 @@ class ClassStats:
     # ------------------------------------------------------------------ state
     def reset(self) -> ClassStats:
         """Restore the empty state."""
-        K, d, dev = self.num_classes, self.dim, self.device
-        self._counts = torch.zeros(K, dtype=torch.int64, device=dev)
-        self._means = torch.zeros(K, d, dtype=torch.float64, device=dev)
-        self._scatter = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        self._class_ss = torch.zeros(K, dtype=torch.float64, device=dev)
+        K, d = self.num_classes, self.dim
+        for st in STATES:
+            setattr(
+                self, f"_{st.name}", torch.zeros(st.shape(K, d), dtype=st.dtype, device=self.device)
+            )
         self._memo: dict[Any, Any] = {}
         return self
 
@@ -406,126 +416,88 @@ class ClassStats:
     def copy(self) -> ClassStats:
         """A deep copy."""
         out = ClassStats(self.num_classes, self.dim, self.device, source=self.source)
-        out._counts = self._counts.clone()
-        out._means = self._means.clone()
-        out._scatter = self._scatter.clone()
-        out._class_ss = self._class_ss.clone()
+        for st in STATES:
+            setattr(out, f"_{st.name}", getattr(self, f"_{st.name}").clone())
         return out
 
     def to(self, device: str | torch.device) -> ClassStats:
         """Move the states to ``device`` (in place) and return self."""
         self.device = torch.device(device)
-        for name in ("_counts", "_means", "_scatter", "_class_ss"):
-            setattr(self, name, getattr(self, name).to(self.device))
+        for st in STATES:
+            setattr(self, f"_{st.name}", getattr(self, f"_{st.name}").to(self.device))
         self._memo = {}
         return self
 
-    # ------------------------------------------------------------------ HDF5
-    def to_h5(self, group: Any) -> None:
-        """Write the states into an (empty) h5py group, stamped with encoding attrs."""
-        group.attrs["encoding-type"] = ENCODING_TYPE
-        group.attrs["encoding-version"] = ENCODING_VERSION
-        group.attrs["num_classes"] = self.num_classes
-        group.attrs["dim"] = self.dim
-        arrays = {
-            "counts": self.counts,
-            "means": self.means,
-            "scatter": self.scatter,
-            "class_ss": self.class_ss,
-        }
-        for name, arr in arrays.items():
-            if name in group:
-                del group[name]
-            group.create_dataset(name, data=np.asarray(arr, dtype=STATE_DTYPES[name]))
-        group.attrs["sha256"] = stats_digest(arrays)
+    # ------------------------------------------------------ serialisation
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The states as numpy arrays in their stored dtypes (the scatter symmetrised)."""
+        return {st.name: np.asarray(getattr(self, st.name), dtype=st.numpy_dtype) for st in STATES}
 
     @classmethod
-    def from_h5(
-        cls,
-        group: Any,
-        *,
-        source: str | None = None,
-        num_classes: int | None = None,
-        dim: int | None = None,
+    def from_state_dict(
+        cls, arrays: Mapping[str, Any], num_classes: int, dim: int, *, source: str = "features"
     ) -> ClassStats:
-        """Read and validate states written by :meth:`to_h5`.
-
-        Shapes are checked against the group's ``num_classes``/``dim`` attributes (and
-        against ``num_classes``/``dim`` when given) and the stored bytes against the
-        declared size *before* anything is read, so a small file cannot make nccli allocate
-        a huge array; then the ``sha256`` attribute is checked (caches written before it
-        existed have none), then finiteness.
-        """
-        from nccli.errors import CacheError
-
-        where = source or f"{group.file.filename}:{group.name}"
-        etype = group.attrs.get("encoding-type")
-        ever = group.attrs.get("encoding-version")
-        if isinstance(etype, bytes):
-            etype = etype.decode()
-        if isinstance(ever, bytes):
-            ever = ever.decode()
-        if etype != ENCODING_TYPE:
-            raise CacheError(f"{where}: encoding-type is {etype!r}, expected {ENCODING_TYPE!r}")
-        if ever != ENCODING_VERSION:
-            raise CacheError(
-                f"{where}: statistics encoding-version {ever!r} is not supported by this nccli "
-                f"(reads {ENCODING_VERSION!r}); upgrade nccli"
-            )
-        for name in cls.states:
-            if name not in group:
-                raise CacheError(f"{where}: statistics dataset {name!r} is missing; re-extract")
-        K = int(group.attrs.get("num_classes", -1))
-        d = int(group.attrs.get("dim", -1))
-        other = (num_classes is not None and K != num_classes) or (dim is not None and d != dim)
-        if K < 1 or d < 1 or other:
-            raise CacheError(
-                f"{where}: statistics are for K={K} classes of dimension d={d}, the layer has "
-                f"K={num_classes}, d={dim}; the cache is corrupt, re-extract it"
-            )
-        expect = {"counts": (K,), "means": (K, d), "scatter": (d, d), "class_ss": (K,)}
-        for name, shape in expect.items():
-            ds = group[name]
-            if ds.shape != shape:
+        """Statistics from arrays of :meth:`state_dict`'s shapes; shapes, dtypes,
+        non-negative counts and finiteness are checked (a :class:`CacheError` names
+        ``source``).  Arrays are used without a copy when they already have the dtype."""
+        K, d = int(num_classes), int(dim)
+        out = cls(K, d, source=source)
+        for st in STATES:
+            if st.name not in arrays:
+                raise CacheError(f"{source}: statistics dataset {st.name!r} is missing; re-extract")
+            a = np.asarray(arrays[st.name])
+            if a.shape != st.shape(K, d):
                 raise CacheError(
-                    f"{where}: statistics {name!r} has shape {ds.shape}, expected {shape}; "
-                    "the cache is corrupt, re-extract it"
+                    f"{source}: statistics {st.name!r} has shape {a.shape}, expected "
+                    f"{st.shape(K, d)}; the cache is corrupt, re-extract it"
                 )
-            kind = "iu" if name == "counts" else "f"
-            if ds.dtype.kind not in kind:
-                raise CacheError(f"{where}: statistics {name!r} have dtype {ds.dtype}; re-extract")
-            if ds.compression is None and ds.id.get_storage_size() < ds.size * ds.dtype.itemsize:
+            if a.dtype.kind not in ("iu" if st.dtype == torch.int64 else "f"):
                 raise CacheError(
-                    f"{where}: statistics {name!r} declare {ds.size * ds.dtype.itemsize} bytes "
-                    f"but the file stores {ds.id.get_storage_size()}; the cache is truncated or "
-                    "forged, re-extract it"
+                    f"{source}: statistics {st.name!r} have dtype {a.dtype}; re-extract"
                 )
-        got = {name: np.asarray(group[name][()]) for name in expect}
-        stored = group.attrs.get("sha256")
-        if isinstance(stored, bytes):
-            stored = stored.decode("ascii", "replace")
-        if stored is not None and str(stored) != stats_digest(got):
-            raise CacheError(
-                f"{where}: statistics checksum mismatch (the sha256 stored at extraction does "
-                "not match counts/means/scatter/class_ss); the cache was modified or corrupted, "
-                "re-extract it"
-            )
-        counts, means = got["counts"], got["means"]
-        scatter, class_ss = got["scatter"], got["class_ss"]
-        if (counts < 0).any() or not all(np.isfinite(a).all() for a in (means, scatter, class_ss)):
-            raise CacheError(f"{where}: statistics contain negative counts or NaN/Inf; re-extract")
-        st = cls(K, d, source=where)
-        st._counts = torch.as_tensor(counts.astype(np.int64, copy=False))
-        st._means = torch.as_tensor(means.astype(np.float64, copy=False))
-        st._scatter = torch.as_tensor(scatter.astype(np.float64, copy=False))
-        st._class_ss = torch.as_tensor(class_ss.astype(np.float64, copy=False))
+            a = a.astype(st.numpy_dtype.newbyteorder("="), copy=False)
+            if (st.dtype == torch.int64 and (a < 0).any()) or not np.isfinite(a).all():
+                raise CacheError(
+                    f"{source}: statistics contain negative counts or NaN/Inf; re-extract"
+                )
+            setattr(out, f"_{st.name}", torch.as_tensor(a))
+        scatter = np.asarray(out._scatter)
         if np.array_equal(scatter[:8], scatter[:, :8].T):
-            # written symmetrised by to_h5 (and checksummed): serve it as the symmetric
-            # scatter without another d×d pass; a private copy, since the tensor shares it
+            # written symmetrised (state_dict): serve it as the symmetric scatter without
+            # another d×d pass; a private copy, since the tensor shares the array
             sym = np.array(scatter, dtype=np.float64)
             sym.flags.writeable = False
-            st._memo["scatter"] = sym
-        return st
+            out._memo["scatter"] = sym
+        return out
+
+    def flatten(self) -> torch.Tensor:
+        """Every state as one float64 vector (in :data:`STATES` order), for collectives."""
+        return torch.cat(
+            [getattr(self, f"_{st.name}").to(torch.float64).reshape(-1) for st in STATES]
+        )
+
+    @classmethod
+    def unflatten(
+        cls, flat: torch.Tensor, num_classes: int, dim: int, *, source: str = "features"
+    ) -> ClassStats:
+        """The inverse of :meth:`flatten` (counts must be whole numbers)."""
+        K, d = int(num_classes), int(dim)
+        out = cls(K, d, source=source)
+        flat = flat.detach().cpu().to(torch.float64)
+        pos = 0
+        for st in STATES:
+            shape = st.shape(K, d)
+            n = int(np.prod(shape))
+            part = flat[pos : pos + n].reshape(shape).clone()
+            pos += n
+            if st.dtype == torch.int64:
+                if not bool(torch.all(part == torch.round(part))):
+                    raise CacheError(f"{source}: gathered {st.name} are not integers")
+                part = part.to(torch.int64)
+            setattr(out, f"_{st.name}", part)
+        if pos != flat.numel():
+            raise CacheError(f"{source}: {flat.numel()} gathered numbers, expected {pos}")
+        return out
 
     def __repr__(self) -> str:
         return f"ClassStats(num_classes={self.num_classes}, dim={self.dim}, n={self.n})"

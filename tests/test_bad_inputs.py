@@ -39,6 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import slow_model
 import torch
 
 from nccli import zoo
@@ -163,7 +164,6 @@ class ForkCLI:
         out = self.tmp / f"{self.count}.out"
         err = self.tmp / f"{self.count}.err"
         full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-        full_env.pop("NCCLI_TEST_SLOW_BATCH", None)
         full_env.update(env or {})
         req = {
             "argv": [str(a) for a in argv],
@@ -942,10 +942,9 @@ def test_there_are_enough_cases() -> None:
 
 
 def _start_slow_extract(cli: ForkCLI, ws: Workspace, d: Path) -> Running:
+    model = slow_model.write(d, ARCH, 0.3)  # every forward sleeps 0.3 s
     run = cli.start(
-        extract(ws.ckpt, ws.data, d / "out", "-b", "10"),
-        cwd=d,
-        env={"NCCLI_TEST_SLOW_BATCH": "0.3"},
+        extract(ws.ckpt, ws.data, d / "out", "-b", "10", "--model", model, arch=""), cwd=d
     )
     part = d / "out" / "run_ep005.h5.partial"
     deadline = time.monotonic() + 60

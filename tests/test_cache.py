@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from nccli.io.sources import open_sources
 
 runner = CliRunner()
 K, N = 3, 120
+#: a cache written by nccli 0.1.0 (format version 1), kept to prove it still reads
+V1_CACHE = Path(__file__).parent / "data" / "cache_v1.h5"
 
 
 def _write_cache(path, *, finish=True, dims=(6, 4)):
@@ -108,7 +112,6 @@ def _tamper(path, fn):
 @pytest.mark.parametrize(
     ("tamper", "needle"),
     [
-        (lambda f: f.attrs.__setitem__("schema_version", 99), "schema_version 99"),
         (lambda f: f.attrs.__setitem__("encoding-version", "10000.0"), "'10000.0'"),
         (lambda f: f["layers/head.0"].attrs.__setitem__("encoding-type", "floob"), "'floob'"),
         (
@@ -118,12 +121,33 @@ def _tamper(path, fn):
         (lambda f: f.__delitem__("labels"), "/labels is missing"),
         (lambda f: f["layers/head.0/stats"].__delitem__("scatter"), "'scatter' is missing"),
         (lambda f: f.attrs.__setitem__("complete", False), "marked incomplete"),
-        (lambda f: f.attrs.__delitem__("format"), "not an nccli cache"),
+        (lambda f: f.attrs.__delitem__("encoding-type"), "not an nccli cache"),
     ],
 )
 def test_tampered_cache_clear_error(tmp_path, tamper, needle):
     path = tmp_path / "t.h5"
     _write_cache(path)
+    _tamper(path, tamper)
+    res = runner.invoke(app, ["measure", str(path)])
+    assert res.exit_code == 1, res.output
+    assert needle in res.stderr
+    assert str(path) in res.stderr
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("tamper", "needle"),
+    [
+        (lambda f: f.attrs.__setitem__("schema_version", 99), "schema_version 99"),
+        (lambda f: f.attrs.__delitem__("format"), "not an nccli cache"),
+        (lambda f: f.attrs.__setitem__("encoding-version", "10000.0"), "'10000.0'"),
+        (lambda f: f["layers/head.0/stats"].attrs.__setitem__("encoding-version", "7"), "'7'"),
+    ],
+)
+def test_tampered_version_1_cache_clear_error(tmp_path, tamper, needle):
+    """Version-1 caches carried three version markers; each one is still checked."""
+    path = tmp_path / "v1.h5"
+    path.write_bytes(V1_CACHE.read_bytes())
     _tamper(path, tamper)
     res = runner.invoke(app, ["measure", str(path)])
     assert res.exit_code == 1, res.output

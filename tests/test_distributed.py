@@ -22,7 +22,8 @@ import torch
 
 from nccli import measure, zoo
 from nccli.errors import CacheError, DataError, UsageError
-from nccli.extract import _row_range, extract
+from nccli.extract import extract
+from nccli.extract import row_range as _row_range
 from nccli.extract.distributed import Launch, detect, shard_path, stale_shards
 
 dist = pytest.importorskip("torch.distributed")

@@ -19,6 +19,7 @@ from nccli.io.sources import CacheSource
 from nccli.stats import ClassStats
 
 ex = importlib.import_module("nccli.extract")  # the package re-exports the extract() function
+pipeline = importlib.import_module("nccli.extract.pipeline")
 
 K, D, N = 3, 6, 90
 ARCH = f"mlp:in_dim={D},widths=10-,num_classes={K},head_depth=2,head_width=8"
@@ -204,16 +205,18 @@ class _Interrupt(BaseException):
 
 
 def interrupt_after(monkeypatch, batches: int, exc: type[BaseException] = KeyboardInterrupt):
-    """Make the NCCLI_TEST_SLOW_BATCH sleep raise after ``batches`` batches."""
-    monkeypatch.setenv(ex.SLOW_BATCH_ENV, "0.001")
+    """Raise ``exc`` in the extraction loop once ``batches`` batches were handed to the
+    writer thread (as a Ctrl-C between two batches would)."""
+    submit = pipeline.BackgroundWriter.submit
     seen = []
 
-    def sleep(_):
+    def counting(self, item):
+        submit(self, item)
         seen.append(1)
         if len(seen) == batches:
             raise exc()
 
-    monkeypatch.setattr(ex.time, "sleep", sleep)
+    monkeypatch.setattr(pipeline.BackgroundWriter, "submit", counting)
 
 
 def test_interrupt_keeps_partial_and_resume_matches(tmp_path, data, model, monkeypatch):
@@ -382,7 +385,7 @@ def test_resnet_images_with_a_selected_stage(tmp_path):
 def test_row_ranges_are_disjoint_and_cover():
     for n in (1, 7, 100):
         for world in (1, 2, 3, 8):
-            spans = [ex._row_range(n, r, world) for r in range(world)]
+            spans = [ex.row_range(n, r, world) for r in range(world)]
             assert spans[0][0] == 0 and spans[-1][1] == n
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
 

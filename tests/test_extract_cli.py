@@ -1,7 +1,7 @@
 """`nccli extract` and `nccli info` through CliRunner and real subprocesses.
 
-The SIGKILL test uses the ``NCCLI_TEST_SLOW_BATCH=<seconds>`` hook: ``extract`` sleeps
-that long after every batch, so the kill reliably lands mid-run.
+The SIGKILL test extracts with a model that sleeps in every forward pass
+(:mod:`slow_model`), so the kill reliably lands mid-run.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import slow_model
 import torch
 from typer.testing import CliRunner
 
@@ -167,15 +168,16 @@ def test_malicious_pickle_is_refused(tmp_path, data):
 
 def test_sigkill_mid_run_then_resume(tmp_path, data, ckpt):
     out = tmp_path / "out"
-    env = {**os.environ, "NCCLI_TEST_SLOW_BATCH": "0.3"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "nccli",
-        "-q",
-        *extract_args(ckpt, data, out, "--dtype", "float16"),
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # the same network, sleeping 0.3 s in every forward (the run's directory holds it)
+    slow = slow_model.write(tmp_path, ARCH, 0.3)
+    args = extract_args(ckpt, data, out, "--dtype", "float16")
+    i = args.index("--arch")
+    args[i : i + 2] = ["--model", slow]
+    cmd = [sys.executable, "-m", "nccli", "-q", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     part = out / "run_ep005.h5.partial"
     try:
         deadline = time.monotonic() + 60

@@ -17,16 +17,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import nccli.io.cache.writer as cache_mod
 from nccli import zoo
 from nccli.cli import app
 from nccli.errors import CacheError, DataError
 from nccli.extract import extract
-from nccli.io import cache as cache_mod
 from nccli.io.cache import Cache, verify_cache
 from nccli.measure import measure
 from nccli.stats import ClassStats, stats_digest
 
 ex = importlib.import_module("nccli.extract")  # the package re-exports the extract() function
+api = importlib.import_module("nccli.extract.api")
+pipeline = importlib.import_module("nccli.extract.pipeline")
 runner = CliRunner()
 K, D, N = 3, 6, 90
 ARCH = f"mlp:in_dim={D},widths=10-,num_classes={K},head_depth=1"
@@ -228,16 +230,17 @@ def test_skip_nonfinite_survives_resume(tmp_path: Path, hot: Path, monkeypatch) 
     bad, _ = _bad_data(tmp_path)
     full = run(hot, bad, tmp_path / "full", skip_nonfinite=True)
     out = tmp_path / "out"
-    monkeypatch.setenv(ex.SLOW_BATCH_ENV, "0.001")
+    submit = pipeline.BackgroundWriter.submit
     seen: list[int] = []
 
-    def sleep(_: float) -> None:
+    def counting(self, item) -> None:
+        submit(self, item)
         seen.append(1)
         if len(seen) == 2:  # after rows 0..31: three of the bad rows are gone
             raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:
-        mp.setattr(ex.time, "sleep", sleep)
+        mp.setattr(pipeline.BackgroundWriter, "submit", counting)
         with pytest.raises(KeyboardInterrupt, match="kept 29 rows; continue with --resume"):
             run(hot, bad, out, skip_nonfinite=True)
     with h5py.File(out / "hot.h5.partial", "r") as f:
@@ -326,10 +329,10 @@ def test_names_inside_inputs_never_become_paths(tmp_path: Path, data: Path) -> N
 
 def test_cache_names_come_from_the_file_name_only(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert ex._cache_path(out, Path("a/../../b/ep1.pt")) == out / "ep1.h5"
-    assert ex._cache_path(out, Path("/x/y/..pt")) == out / "..h5"  # a file named '..h5'
-    assert ex._cache_path(out, Path("...")) == out / "....h5"
-    assert ex._cache_path(out, Path("noext")) == out / "noext.h5"
+    assert api.cache_path(out, Path("a/../../b/ep1.pt")) == out / "ep1.h5"
+    assert api.cache_path(out, Path("/x/y/..pt")) == out / "..h5"  # a file named '..h5'
+    assert api.cache_path(out, Path("...")) == out / "....h5"
+    assert api.cache_path(out, Path("noext")) == out / "noext.h5"
 
 
 def test_partial_that_is_a_symlink_is_not_written_through(

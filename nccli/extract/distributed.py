@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from nccli.errors import CacheError, DataError, UsageError
+from nccli.extract.devices import BACKENDS
 from nccli.io._util import one_line
-from nccli.io.cache import _attr
+from nccli.io.cache import SHARD_ATTRS, read_shard, shard_path, stale_shards
 from nccli.stats import ClassStats
 
 __all__ = [
@@ -53,14 +53,11 @@ __all__ = [
     "run_checkpoint",
     "setup",
     "shard_path",
+    "stale_shards",
 ]
 
-#: accepted ``--dist-backend`` values; ``auto`` is nccl on CUDA, gloo otherwise
-BACKENDS = ("auto", "gloo", "nccl")
 #: minutes a collective may wait for the other ranks before the run fails
 DEFAULT_TIMEOUT_MIN = 30.0
-#: the shard attributes every rank's cache carries
-SHARD_ATTRS = ("rank", "world_size", "row_start", "row_stop", "total_samples")
 
 
 @dataclass(frozen=True)
@@ -98,12 +95,6 @@ def detect(env: Mapping[str, str] | None = None) -> Launch | None:
         raise UsageError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world - 1}")
     local = _env_int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
     return Launch(rank, world, local, env.get("MASTER_ADDR"), env.get("MASTER_PORT"))
-
-
-def shard_path(path: str | os.PathLike[str], rank: int) -> Path:
-    """``out/ep10.h5`` → ``out/ep10.rank<rank>.h5``."""
-    p = Path(path)
-    return p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 
 
 def rank_device(device: torch.device, launch: Launch) -> torch.device:
@@ -169,30 +160,13 @@ class Group:
         """Every rank's statistics of one layer, as float64 tensors (rank order)."""
         import torch.distributed as dist
 
-        K, d = st.num_classes, st.dim
-        flat = torch.cat(
-            [
-                st._counts.to(torch.float64).reshape(-1),
-                st._means.to(torch.float64).reshape(-1),
-                st._scatter.to(torch.float64).reshape(-1),
-                st._class_ss.to(torch.float64).reshape(-1),
-            ]
-        ).to(self.comm_device)
+        flat = st.flatten().to(self.comm_device)
         parts = [torch.empty_like(flat) for _ in range(self.world_size)]
         self._collective("gathering statistics", lambda: dist.all_gather(parts, flat))
-        out = []
-        for r, t in enumerate(parts):
-            t = t.cpu()
-            s = ClassStats(K, d, source=f"rank {r}: {st.source}")
-            counts = t[:K]
-            if not bool(torch.all(counts == torch.round(counts))):
-                raise CacheError(f"rank {r}: gathered class counts are not integers")
-            s._counts = counts.to(torch.int64)
-            s._means = t[K : K + K * d].reshape(K, d).clone()
-            s._scatter = t[K + K * d : K + K * d + d * d].reshape(d, d).clone()
-            s._class_ss = t[K + K * d + d * d :].clone()
-            out.append(s)
-        return out
+        return [
+            ClassStats.unflatten(t, st.num_classes, st.dim, source=f"rank {r}: {st.source}")
+            for r, t in enumerate(parts)
+        ]
 
     def close(self) -> None:
         """Tear the process group down if :func:`setup` created it."""
@@ -277,20 +251,6 @@ def setup(
 # --------------------------------------------------------------------------- per checkpoint
 
 
-def _read_shard(path: Path) -> tuple[dict[str, Any], dict[str, ClassStats]]:
-    """Root attributes and per-layer statistics of a finished shard (published or not)."""
-    with h5py.File(path, "r") as f:
-        attrs = {k: _attr(f, k) for k in f.attrs}
-        groups = sorted(
-            f["layers"].items(),
-            key=lambda kv: (int(_attr(kv[1], "depth", 0)) < 0, int(_attr(kv[1], "depth", 0))),
-        )
-        stats = {
-            name: ClassStats.from_h5(g["stats"], source=f"{path}:{name}") for name, g in groups
-        }
-    return attrs, stats
-
-
 def _check_meta(metas: Sequence[dict[str, Any]], total: int) -> str | None:
     """Why the shards do not form one extraction (``None`` when they do)."""
     first = metas[0]
@@ -318,6 +278,118 @@ def _check_meta(metas: Sequence[dict[str, Any]], total: int) -> str | None:
     return None
 
 
+def _shard_meta(attrs: dict[str, Any], stats: dict[str, ClassStats]) -> dict[str, Any]:
+    """What rank 0 needs to know of a rank's shard to check the set."""
+    meta = {k: attrs.get(k) for k in (*SHARD_ATTRS, "num_samples", "checkpoint_sha256")}
+    meta["dataset_digest"] = attrs.get("dataset_digest")
+    meta["feature_dtype"] = attrs.get("feature_dtype")
+    meta["layers"] = [(n, s.num_classes, s.dim) for n, s in stats.items()]
+    # --skip-nonfinite: rows read can exceed the samples kept; the dropped ones per class
+    meta["rows_read"] = attrs.get("rows_read", attrs.get("num_samples"))
+    skipped = attrs.get("skipped_nonfinite")
+    meta["skipped"] = None if skipped is None else np.asarray(skipped, dtype=np.int64).tolist()
+    return meta
+
+
+def _merge(group: Group, stats: dict[str, ClassStats]) -> dict[str, ClassStats]:
+    """Every rank's statistics, gathered and merged on rank 0 (empty on the others)."""
+    merged: dict[str, ClassStats] = {}
+    for name, st in stats.items():
+        parts = group.all_gather_stats(st)
+        if group.rank == 0:
+            acc = parts[0].copy()
+            for p in parts[1:]:
+                acc.merge(p)
+            merged[name] = acc
+    return merged
+
+
+def _check_counts(
+    merged: dict[str, ClassStats], metas: Sequence[dict[str, Any]], labels: np.ndarray
+) -> tuple[str | None, int]:
+    """Rank 0: do the merged class counts equal the dataset's labels, less the samples
+    dropped as non-finite?  ``(problem or None, dropped)``."""
+    total = int(len(labels))
+    K = next(iter(merged.values())).num_classes if merged else 0
+    want = np.bincount(np.asarray(labels, dtype=np.int64), minlength=K)
+    for m in metas:
+        if m["skipped"] is not None:
+            want = want - np.asarray(m["skipped"], dtype=np.int64)[:K]
+    dropped = total - int(want.sum())
+    for name, st in merged.items():
+        if st.n != total - dropped or not np.array_equal(st.counts, want):
+            return (
+                f"layer {name}: the merged class counts sum to {st.n} (dataset: {total}"
+                f"{f', {dropped} dropped as non-finite' if dropped else ''}) or differ "
+                "from the dataset's label counts"
+            ), dropped
+    return None, dropped
+
+
+def _merged_line(
+    out_path: Path, W: int, merged: dict[str, ClassStats], total: int, dropped: int
+) -> str:
+    first = next(iter(merged.values()))
+    counts = first.counts
+    layers = ", ".join(f"{n} (d={s.dim})" for n, s in merged.items())
+    rows = f"the dataset's {total} rows" + (
+        f" less {dropped} non-finite samples" if dropped else ""
+    )
+    return (
+        f"{shard_path(out_path, 0).name.replace('.rank0', '.rank*')}: merged {W} shards, "
+        f"{first.n} samples = {rows}, {first.num_classes} classes "
+        f"(counts {int(counts.min())}..{int(counts.max())} per class, as in the labels); "
+        f"layers {layers}"
+    )
+
+
+def _publish(group: Group, got: Path, path: Path, ckpt: Path) -> None:
+    """Every rank renames its finished shard into place; they agree it worked."""
+    error = None
+    if got.name.endswith(".partial"):
+        try:
+            os.replace(got, path)
+        except OSError as exc:
+            error = exc
+    failed = group.failed_ranks(error is None)
+    if error is not None:
+        raise DataError(f"{got}: cannot rename the finished shard to {path} ({error})")
+    if failed:
+        raise DataError(
+            f"{ckpt}: rank(s) {', '.join(map(str, failed))} could not publish their shard; "
+            "run the same command with --resume"
+        )
+
+
+def _write_shard(
+    group: Group, one: Callable[[Path], Path], path: Path, ckpt: Path
+) -> tuple[Path, dict[str, Any], dict[str, ClassStats]]:
+    """This rank writes its shard; every rank learns whether all of them succeeded."""
+    error: Exception | None = None
+    got = path
+    attrs: dict[str, Any] = {}
+    stats: dict[str, ClassStats] = {}
+    try:
+        got = one(path)
+        attrs, stats = read_shard(got)
+    except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
+        error = exc
+    failed = group.failed_ranks(error is None)
+    if error is not None:
+        raise error
+    if failed:
+        kept = (
+            f"; this rank's finished shard is kept as {got}"
+            if got.name.endswith(".partial")
+            else ""
+        )
+        raise DataError(
+            f"{ckpt}: rank(s) {', '.join(map(str, failed))} of {group.world_size} failed (see "
+            f"their errors){kept}; fix the cause and run the same command with --resume"
+        )
+    return got, attrs, stats
+
+
 def run_checkpoint(
     group: Group,
     one: Callable[[Path], Path],
@@ -335,62 +407,14 @@ def run_checkpoint(
     """
     path = shard_path(out_path, group.rank)
     W = group.world_size
-    error: Exception | None = None
-    got = path
-    attrs: dict[str, Any] = {}
-    stats: dict[str, ClassStats] = {}
-    try:
-        got = one(path)
-        attrs, stats = _read_shard(got)
-    except Exception as exc:  # noqa: BLE001 - re-raised after telling the other ranks
-        error = exc
-    failed = group.failed_ranks(error is None)
-    if error is not None:
-        raise error
-    pending = got.name.endswith(".partial")
-    if failed:
-        kept = f"; this rank's finished shard is kept as {got}" if pending else ""
-        raise DataError(
-            f"{ckpt}: rank(s) {', '.join(map(str, failed))} of {W} failed (see their errors)"
-            f"{kept}; fix the cause and run the same command with --resume"
-        )
-
-    meta = {k: attrs.get(k) for k in (*SHARD_ATTRS, "num_samples", "checkpoint_sha256")}
-    meta["dataset_digest"] = attrs.get("dataset_digest")
-    meta["feature_dtype"] = attrs.get("feature_dtype")
-    meta["layers"] = [(n, s.num_classes, s.dim) for n, s in stats.items()]
-    # --skip-nonfinite: rows read can exceed the samples kept; the dropped ones per class
-    meta["rows_read"] = attrs.get("rows_read", attrs.get("num_samples"))
-    skipped = attrs.get("skipped_nonfinite")
-    meta["skipped"] = None if skipped is None else np.asarray(skipped, dtype=np.int64).tolist()
-    metas = group.all_gather_object(meta)
+    got, attrs, stats = _write_shard(group, one, path, ckpt)
+    metas = group.all_gather_object(_shard_meta(attrs, stats))
     total = int(len(labels))
     problem = _check_meta(metas, total)
-    merged: dict[str, ClassStats] = {}
-    if problem is None:
-        for name, st in stats.items():
-            parts = group.all_gather_stats(st)
-            if group.rank == 0:
-                acc = parts[0].copy()
-                for p in parts[1:]:
-                    acc.merge(p)
-                merged[name] = acc
+    merged = _merge(group, stats) if problem is None else {}
     dropped = 0
     if group.rank == 0 and problem is None:
-        K = next(iter(merged.values())).num_classes if merged else 0
-        want = np.bincount(np.asarray(labels, dtype=np.int64), minlength=K)
-        for m in metas:
-            if m["skipped"] is not None:
-                want = want - np.asarray(m["skipped"], dtype=np.int64)[:K]
-        dropped = total - int(want.sum())
-        for name, st in merged.items():
-            if st.n != total - dropped or not np.array_equal(st.counts, want):
-                problem = (
-                    f"layer {name}: the merged class counts sum to {st.n} (dataset: {total}"
-                    f"{f', {dropped} dropped as non-finite' if dropped else ''}) or differ "
-                    "from the dataset's label counts"
-                )
-                break
+        problem, dropped = _check_counts(merged, metas, labels)
     rejected = group.failed_ranks(problem is None)
     if rejected:
         why = problem or "rank 0 rejected the merged statistics (see its error)"
@@ -399,33 +423,8 @@ def run_checkpoint(
             "unpublished (.partial); delete them and extract again"
         )
     if group.rank == 0:
-        first = next(iter(merged.values()))
-        counts = first.counts
-        layers = ", ".join(f"{n} (d={s.dim})" for n, s in merged.items())
-        rows = f"the dataset's {total} rows" + (
-            f" less {dropped} non-finite samples" if dropped else ""
-        )
-        say(
-            f"{shard_path(out_path, 0).name.replace('.rank0', '.rank*')}: merged {W} shards, "
-            f"{first.n} samples = {rows}, {first.num_classes} classes "
-            f"(counts {int(counts.min())}..{int(counts.max())} per class, as in the labels); "
-            f"layers {layers}"
-        )
-
-    error = None
-    if pending:
-        try:
-            os.replace(got, path)
-        except OSError as exc:
-            error = exc
-    failed = group.failed_ranks(error is None)
-    if error is not None:
-        raise DataError(f"{got}: cannot rename the finished shard to {path} ({error})")
-    if failed:
-        raise DataError(
-            f"{ckpt}: rank(s) {', '.join(map(str, failed))} could not publish their shard; "
-            "run the same command with --resume"
-        )
+        say(_merged_line(out_path, W, merged, total, dropped))
+    _publish(group, got, path, ckpt)
     stale = stale_shards(out_path, W) if group.rank == 0 else []
     if stale:
         say(
@@ -433,14 +432,3 @@ def run_checkpoint(
             f"delete them (measure refuses a directory that mixes the two runs' shards)"
         )
     return path
-
-
-def stale_shards(out_path: Path, world_size: int) -> list[Path]:
-    """Shard files of ``out_path`` from a run with more ranks than this one."""
-    pat = f"{out_path.stem}.rank*{out_path.suffix}"
-    stale = []
-    for p in sorted(out_path.parent.glob(pat)):
-        tail = p.name[len(out_path.stem) + len(".rank") : -len(out_path.suffix) or None]
-        if tail.isdigit() and int(tail) >= world_size:
-            stale.append(p)
-    return stale

@@ -13,8 +13,8 @@ streamed in chunks; ``.npz`` members cannot be read in parts, so they are loaded
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,32 +26,51 @@ import numpy as np
 
 from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
-from nccli.io.cache import Cache, is_cache
+from nccli.io.cache import SHARD, Cache, check_shard_set, is_cache
 from nccli.io.names import epoch_step_from_name
-from nccli.metrics.deep_linear import head_chain
+from nccli.layers import Layer, compose_classifiers, head_chain
 from nccli.stats import ClassStats
-
-_SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
-
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
 class LayerView:
-    """One layer of one source, as the metrics see it."""
+    """One layer of one source, as the metrics see it: the cached :class:`Layer` record
+    (its own module's ``weight``/``bias`` loaded, float64), the classifier acting on it,
+    and its statistics."""
 
     source: Source
-    name: str
-    dim: int
-    depth: int = 0
-    role: str = "other"
-    weight: np.ndarray | None = None  # this layer's own module (W_{l+1}), float64
-    bias: np.ndarray | None = None
+    layer: Layer
     classifier_weight: np.ndarray | None = None  # composite classifier acting on this layer
     classifier_bias: np.ndarray | None = None
     _stats: ClassStats | None = field(default=None, repr=False)
     _recomputed: ClassStats | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    @property
+    def dim(self) -> int:
+        return self.layer.dim
+
+    @property
+    def depth(self) -> int:
+        return self.layer.depth
+
+    @property
+    def role(self) -> str:
+        return self.layer.role
+
+    @property
+    def weight(self) -> np.ndarray | None:
+        """This layer's own module (``W_{l+1}``), float64."""
+        return self.layer.weight
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return self.layer.bias
 
     def stats(self, recompute: bool = False, chunk_rows: int = 8192) -> ClassStats:
         """Stored statistics, or (``recompute``) those of one streaming pass over the
@@ -103,66 +122,14 @@ class Source:
 
 
 def _compose_classifiers(views: list[LayerView], classifier: str | None) -> None:
-    """Give each layer of the linear head the composite affine map of the layers above it.
-
-    The chain is :func:`nccli.metrics.deep_linear.head_chain` (the run of connected linear
-    modules ending at the classifier): ``C_l = W_{L+1} ⋯ W_{l+1}``,
-    ``c_l = W_{L+1}⋯W_{l+2} b_{l+1} + …``.
-    """
+    """Give each layer of the linear head the composite affine map of the layers above it
+    (:func:`nccli.layers.compose_classifiers`); the chain must end at the cache's
+    classifier."""
     chain = head_chain(views)
     if not chain or (classifier is not None and chain[-1].name != classifier):
         return
-    C: np.ndarray | None = None
-    c: np.ndarray | None = None
-    for v in reversed(chain):
-        W = v.weight
-        b = v.bias if v.bias is not None else np.zeros(W.shape[0])
-        C, c = (W, b) if C is None else (C @ W, C @ b + c)
+    for v, (C, c) in zip(chain, compose_classifiers(chain), strict=True):
         v.classifier_weight, v.classifier_bias = C, c
-
-
-def _check_shard_set(caches: Sequence[Cache], name: str) -> None:
-    """The shards of one distributed extraction, all of them, covering every row once.
-
-    Each shard records ``rank``, ``world_size``, ``row_start``, ``row_stop`` and
-    ``total_samples`` (:mod:`nccli.distributed`); ``caches`` are in rank order.
-    """
-    first = caches[0].attrs
-    W = first.get("world_size")
-    ranks = [c.attrs.get("rank") for c in caches]
-    if not isinstance(W, int) or ranks != list(range(W)):
-        missing = sorted(set(range(W)) - set(ranks)) if isinstance(W, int) else []
-        what = (
-            f"rank(s) {', '.join(map(str, missing))} of {W} missing"
-            if missing and all(isinstance(r, int) and r < W for r in ranks)
-            else f"ranks {ranks} do not form 0..{W - 1 if isinstance(W, int) else '?'}"
-        )
-        raise CacheError(
-            f"{name}: incomplete shard set ({what}); pass every <name>.rank<r>.h5 of one "
-            "run, finish an interrupted run with `nccli extract --resume` under the same "
-            "torchrun command, or delete shards left by a run with another world size"
-        )
-    expect = 0
-    for c in caches:
-        a = c.attrs
-        for key in ("world_size", "total_samples", "checkpoint_sha256", "dataset_digest"):
-            if a.get(key) != first.get(key):
-                raise CacheError(
-                    f"{c.path}: shard has a different {key} than {caches[0].path}; the files "
-                    "come from different extractions"
-                )
-        # rows read: more than the samples kept when --skip-nonfinite dropped some
-        read = a.get("rows_read", c.num_samples)
-        if a.get("row_start") != expect or a.get("row_stop", -1) - expect != read:
-            raise CacheError(
-                f"{c.path}: shard covers rows {a.get('row_start')}..{a.get('row_stop')} "
-                f"with {read} rows read, expected to start at row {expect}"
-            )
-        expect = int(a["row_stop"])
-    if expect != first.get("total_samples"):
-        raise CacheError(
-            f"{name}: the shards cover {expect} of {first.get('total_samples')} rows; re-extract"
-        )
 
 
 class CacheSource(Source):
@@ -172,7 +139,7 @@ class CacheSource(Source):
         self.caches = [Cache(p) for p in paths]
         first = self.caches[0]
         self.path = (
-            str(first.path) if len(paths) == 1 else _SHARD.sub(r"\g<base>.h5", first.path.name)
+            str(first.path) if len(paths) == 1 else SHARD.sub(r"\g<base>.h5", first.path.name)
         )
         if len(paths) > 1:
             self.path = str(first.path.with_name(self.path))
@@ -184,7 +151,7 @@ class CacheSource(Source):
                     f"{c.path}: shard does not match {first.path} (classes or layers differ)"
                 )
         if any("world_size" in c.attrs for c in self.caches):
-            _check_shard_set(self.caches, self.path)
+            check_shard_set(self.caches, self.path)
             self.attrs = {
                 k: v
                 for k, v in first.attrs.items()
@@ -197,15 +164,10 @@ class CacheSource(Source):
         self.layers = {}
         for name, info in first.layers.items():
             wb = first.weight(name)
-            view = LayerView(
-                self,
-                name,
-                info.dim,
-                depth=info.depth,
-                role=info.role,
-                weight=None if wb is None else wb[0],
-                bias=None if wb is None else wb[1],
+            layer = dataclasses.replace(
+                info, weight=None if wb is None else wb[0], bias=None if wb is None else wb[1]
             )
+            view = LayerView(self, layer)
             if info.has_stats:
                 st = first.stats(name)
                 for c in self.caches[1:]:
@@ -321,9 +283,8 @@ class ArraySource(Source):
         name_epoch, name_step = epoch_step_from_name(p.name)
         self.epoch = int(np.asarray(ep[()])) if ep is not None else name_epoch
         self.step = name_step
-        view = LayerView(
-            self, "features", int(feats.shape[1]), role="penultimate", weight=W, bias=b
-        )
+        layer = Layer("features", int(feats.shape[1]), role="penultimate", weight=W, bias=b)
+        view = LayerView(self, layer)
         view.classifier_weight, view.classifier_bias = W, b
         self.layers = {"features": view}
 
@@ -394,7 +355,7 @@ def open_sources(
             expanded.append(p)
     groups: dict[str, list[Path]] = {}
     for p in expanded:
-        m = _SHARD.match(p.name)
+        m = SHARD.match(p.name)
         key = str(p.with_name(m.group("base"))) + "#shards" if m else str(p)
         groups.setdefault(key, []).append(p)
     out: list[Source] = []
@@ -406,7 +367,7 @@ def open_sources(
             if first.name.endswith(".partial"):
                 Cache(first)  # raises the clear "unfinished cache" error
             if key.endswith("#shards"):
-                members.sort(key=lambda q: int(_SHARD.match(q.name).group("rank")))
+                members.sort(key=lambda q: int(SHARD.match(q.name).group("rank")))
                 out.append(CacheSource(members))
             elif first.suffix in (".h5", ".hdf5") and is_cache(first):
                 out.append(CacheSource([first]))

@@ -1,0 +1,248 @@
+"""``extract``: the library call behind ``nccli extract`` — check the options, open the
+dataset once, and run every checkpoint (one process, or one shard per ``torchrun`` rank).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nccli.errors import DataError, UsageError
+from nccli.extract import distributed as dist_mod
+from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, resolve_device
+from nccli.extract.runner import Runner, Settings
+
+__all__ = ["cache_path", "extract"]
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+def _check_options(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    amp: str,
+    batch_size: int,
+    feature_dtype: str,
+    limit: int | None,
+    num_workers: int,
+    arch: str | None,
+    model: str | None,
+) -> list[Path]:
+    if amp not in AMP_DTYPES:
+        raise UsageError(f"--amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
+    if feature_dtype not in FEATURE_DTYPES:
+        raise UsageError(f"--dtype {feature_dtype!r}: choose float32 or float16")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be a positive integer, got {limit}")
+    if num_workers < 0:
+        raise UsageError(f"--num-workers must be >= 0, got {num_workers}")
+    if arch is not None and model is not None:
+        raise UsageError("pass either --arch or --model, not both")
+    paths = [Path(p) for p in checkpoints]
+    if not paths:
+        raise UsageError("no checkpoint given; pass one or more checkpoint files")
+    seen: dict[str, Path] = {}
+    for p in paths:
+        other = seen.setdefault(p.stem, p)
+        if other != p:
+            raise UsageError(
+                f"{p}: has the same name as {other}, so both would be cached as {p.stem}.h5; "
+                "extract them into different -o directories"
+            )
+    return paths
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``-o`` that cannot become a writable directory, before any work is done
+    (the nearest existing ancestor decides; nothing is created here)."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == out else f"is under {probe}, which is a file"
+        raise UsageError(f"-o {out}: {what}; pass a directory for the caches")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {out}: {probe} is not writable; choose another -o directory")
+
+
+def cache_path(out: Path, ckpt: Path) -> Path:
+    """``<out>/<checkpoint stem>.h5``.  Only the checkpoint file's own name is used (never a
+    path or a name stored inside the checkpoint or the dataset), so a cache cannot land
+    outside ``out``."""
+    stem = ckpt.name[: -len(ckpt.suffix)] if ckpt.suffix else ckpt.name
+    if not stem or "/" in stem or os.sep in stem:  # a file name never is, but be explicit
+        raise UsageError(f"{ckpt}: cannot name a cache after this file; rename the checkpoint")
+    return out / f"{stem}.h5"  # '..pt' gives the file '..h5', still inside out
+
+
+def extract(
+    checkpoints: Sequence[str | os.PathLike[str]],
+    data: str,
+    *,
+    arch: str | None = None,
+    model: str | None = None,
+    out_dir: str | os.PathLike[str],
+    layers: str | Sequence[str] = "auto",
+    device: str = "auto",
+    amp: str = "off",
+    batch_size: int = 256,
+    feature_dtype: str = "float32",
+    split: str = "train",
+    limit: int | None = None,
+    normalize: str | None = None,
+    trust_checkpoint: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+    command: str | None = None,
+    distributed: bool | None = None,
+    dist_backend: str = "auto",
+    dist_timeout: float = 30.0,
+    skip_nonfinite: bool = False,
+) -> list[Path]:
+    """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
+
+    ``data`` is a dataset spec (:func:`nccli.io.datasets.open_dataset`), opened once.
+    ``arch`` (zoo spec) or ``model`` (``pkg.module:factory``) builds the network a state
+    dict is loaded into.  ``layers`` is ``"auto"`` or names/globs (:func:`discover_layers`).
+    ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype`` is how features are stored;
+    statistics are float64 of the stored values.  A finished cache of the same checkpoint
+    and data is skipped unless ``overwrite``; ``resume`` continues a ``.partial`` left by
+    an interrupted run.  ``num_workers > 0`` loads (and pins) batches in a background
+    thread, ``2·num_workers`` ahead.  ``progress=False`` silences stderr (bar and notes);
+    the bar only shows on a terminal.  Returns the cache paths, in checkpoint order.
+
+    Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it; ``False``
+    ignores it) each rank extracts a disjoint shard into ``<stem>.rank<r>.h5`` and the
+    ranks' statistics are merged and checked on rank 0 (:mod:`nccli.distributed`);
+    ``dist_backend`` is ``auto``/``gloo``/``nccl``, ``dist_timeout`` the minutes a rank
+    waits for the others.  Returns this rank's shard paths then.
+
+    ``skip_nonfinite`` drops samples whose features or logits hold NaN/Inf in any layer
+    from every layer (a note and the ``skipped_nonfinite`` attribute of each layer count
+    them per class) instead of failing on the first one.
+    """
+    paths = _check_options(
+        checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
+    )
+    dev = resolve_device(device)
+    group = _join_group(dev, distributed, dist_backend, dist_timeout)
+    if group is not None:
+        dev = group.device
+    try:
+        if amp != "off" and dev.type != "cuda":
+            raise UsageError(
+                f"--amp {amp} needs a CUDA device (this run uses {dev}); use --amp off or "
+                "--device cuda"
+            )
+        for p in paths:
+            if not p.exists():
+                raise DataError(f"{p}: no such checkpoint file; check the path")
+        out = Path(out_dir)
+        _check_out_dir(out)
+        cfg = Settings(
+            device=dev,
+            amp=amp,
+            batch_size=batch_size,
+            feature_dtype=feature_dtype,
+            layers=layers,
+            arch=arch,
+            model=model,
+            trust_checkpoint=trust_checkpoint,
+            resume=resume,
+            overwrite=overwrite,
+            command=command if command is not None else shlex.join(sys.argv),
+            notes=progress,
+            rank=group.rank if group is not None else 0,
+            world_size=group.world_size if group is not None else 1,
+            skip_nonfinite=skip_nonfinite,
+        )
+        from nccli.io.datasets import open_dataset
+
+        ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
+        try:
+            return _run_all(ds, str(data), split, cfg, paths, out, group, num_workers)
+        finally:
+            close = getattr(ds, "close", None)
+            if close is not None:
+                close()
+    finally:
+        if group is not None:
+            group.close()
+
+
+def _join_group(
+    dev: Any, distributed: bool | None, backend: str, timeout: float
+) -> dist_mod.Group | None:
+    """The torchrun process group this process belongs to (``None`` for one process)."""
+    launch = dist_mod.detect() if distributed is not False else None
+    if distributed and launch is None:
+        raise UsageError(
+            "distributed=True but this process was not started by torchrun with WORLD_SIZE > 1"
+        )
+    return None if launch is None else dist_mod.setup(launch, dev, backend, timeout)
+
+
+def _run_all(
+    ds: Any,
+    data: str,
+    split: str,
+    cfg: Settings,
+    paths: list[Path],
+    out: Path,
+    group: dist_mod.Group | None,
+    num_workers: int,
+) -> list[Path]:
+    """Every checkpoint over the open dataset, in order; the cache (or shard) paths."""
+    if group is not None and len(ds) < group.world_size:
+        raise UsageError(
+            f"{data}: {len(ds)} samples cannot be split over {group.world_size} ranks; "
+            "start fewer processes"
+        )
+    written: list[Path] = []
+    # one progress bar (rank 0's shard) under torchrun; every rank prints its notes
+    with _progress(cfg.notes and cfg.rank == 0) as bar:
+        run = Runner(ds, data, split, cfg, bar, prefetch=2 * num_workers)
+        for p in paths:
+            if group is None:
+                written.append(run.one(p, cache_path(out, p)))
+                continue
+            written.append(
+                dist_mod.run_checkpoint(
+                    group,
+                    lambda shard, p=p: run.one(p, shard),
+                    p,
+                    cache_path(out, p),
+                    np.asarray(ds.labels),
+                    run.note if cfg.notes else lambda _: None,
+                )
+            )
+    return written

@@ -1,0 +1,208 @@
+"""What is already on disk for an extraction: finished caches, resumable partials, shards.
+
+``extract`` asks this module before it writes: does a finished cache of the same
+checkpoint and data exist (skip it), may an unfinished ``.partial`` be resumed, and, for
+a ``torchrun`` extraction, which shard files belong together.  ``measure`` asks it
+whether a set of ``<name>.rank<r>.h5`` files forms one complete extraction.  ``want``
+arguments are root attributes the file must carry (``checkpoint_sha256``,
+``dataset_digest``, ``feature_dtype``, the shard attributes …).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+
+from nccli.errors import CacheError, UsageError
+from nccli.io._util import one_line
+from nccli.io.cache.elements import read_stats
+from nccli.io.cache.encoding import read_attr
+from nccli.io.cache.reader import Cache, is_cache
+from nccli.stats import ClassStats
+
+__all__ = [
+    "SHARD",
+    "SHARD_ATTRS",
+    "check_shard_set",
+    "describe",
+    "existing_matches",
+    "partial_resumable",
+    "read_shard",
+    "shard_path",
+    "stale_shards",
+]
+
+#: ``<base>.rank<r>.h5``: one rank's shard of a distributed extraction
+SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
+#: the root attributes every shard carries
+SHARD_ATTRS = ("rank", "world_size", "row_start", "row_stop", "total_samples")
+
+
+def _differs(attrs: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in want.items() if attrs.get(k) != v]
+
+
+def existing_matches(path: Path, want: Mapping[str, Any]) -> bool:
+    """True when ``path`` is a finished cache made from ``want`` (skip it); False when
+    there is no file; a UsageError when it is something else or was made differently."""
+    if not path.exists():
+        return False
+    if not is_cache(path):
+        raise UsageError(
+            f"{path}: exists and is not an nccli cache; remove it, choose another -o, or pass "
+            "--overwrite"
+        )
+    try:
+        with Cache(path) as c:
+            attrs = c.attrs
+    except CacheError as exc:
+        raise UsageError(f"{exc}; or pass --overwrite to replace it") from None
+    diff = _differs(attrs, want)
+    if diff:
+        raise UsageError(
+            f"{path}: exists but was made from a different {', '.join(diff)}; pass --overwrite "
+            "to replace it"
+        )
+    return True
+
+
+def partial_resumable(tmp: Path, want: Mapping[str, Any], layers: Sequence[str]) -> bool:
+    """Whether the unfinished ``tmp`` can be resumed: False when it is unreadable (killed
+    mid-flush: start over), a CacheError when it belongs to another run."""
+    try:
+        f = h5py.File(tmp, "r")
+    except OSError:
+        return False
+    try:
+        attrs = {k: read_attr(f, k) for k in f.attrs}
+        have = sorted(f["layers"]) if "layers" in f else []
+    except (OSError, KeyError, ValueError):
+        return False
+    finally:
+        f.close()
+    diff = _differs(attrs, want)
+    if have != sorted(layers):
+        diff.append("layers")
+    if diff:
+        raise CacheError(
+            f"{tmp}: cannot resume: the partial cache was made with a different "
+            f"{', '.join(diff)}; delete it or run without --resume"
+        )
+    return True
+
+
+# --------------------------------------------------------------------- shards
+def shard_path(path: str | os.PathLike[str], rank: int) -> Path:
+    """``out/ep10.h5`` → ``out/ep10.rank<rank>.h5``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
+
+
+def stale_shards(out_path: Path, world_size: int) -> list[Path]:
+    """Shard files of ``out_path`` from a run with more ranks than this one."""
+    pat = f"{out_path.stem}.rank*{out_path.suffix}"
+    stale = []
+    for p in sorted(out_path.parent.glob(pat)):
+        tail = p.name[len(out_path.stem) + len(".rank") : -len(out_path.suffix) or None]
+        if tail.isdigit() and int(tail) >= world_size:
+            stale.append(p)
+    return stale
+
+
+def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, ClassStats]]:
+    """Root attributes and per-layer statistics of a finished shard (published or not)."""
+    with h5py.File(path, "r") as f:
+        attrs = {k: read_attr(f, k) for k in f.attrs}
+        K = int(attrs.get("num_classes", -1))
+        groups = sorted(
+            f["layers"].items(),
+            key=lambda kv: (
+                int(read_attr(kv[1], "depth", 0)) < 0,
+                int(read_attr(kv[1], "depth", 0)),
+            ),
+        )
+        stats = {
+            name: read_stats(g, str(path), K, int(read_attr(g, "dim", -1))) for name, g in groups
+        }
+    return attrs, stats
+
+
+def check_shard_set(caches: Sequence[Cache], name: str) -> None:
+    """The shards of one distributed extraction, all of them, covering every row once.
+
+    Each shard records ``rank``, ``world_size``, ``row_start``, ``row_stop`` and
+    ``total_samples``; ``caches`` are in rank order.
+    """
+    first = caches[0].attrs
+    W = first.get("world_size")
+    ranks = [c.attrs.get("rank") for c in caches]
+    if not isinstance(W, int) or ranks != list(range(W)):
+        missing = sorted(set(range(W)) - set(ranks)) if isinstance(W, int) else []
+        what = (
+            f"rank(s) {', '.join(map(str, missing))} of {W} missing"
+            if missing and all(isinstance(r, int) and r < W for r in ranks)
+            else f"ranks {ranks} do not form 0..{W - 1 if isinstance(W, int) else '?'}"
+        )
+        raise CacheError(
+            f"{name}: incomplete shard set ({what}); pass every <name>.rank<r>.h5 of one "
+            "run, finish an interrupted run with `nccli extract --resume` under the same "
+            "torchrun command, or delete shards left by a run with another world size"
+        )
+    expect = 0
+    for c in caches:
+        a = c.attrs
+        for key in ("world_size", "total_samples", "checkpoint_sha256", "dataset_digest"):
+            if a.get(key) != first.get(key):
+                raise CacheError(
+                    f"{c.path}: shard has a different {key} than {caches[0].path}; the files "
+                    "come from different extractions"
+                )
+        # rows read: more than the samples kept when --skip-nonfinite dropped some
+        read = a.get("rows_read", c.num_samples)
+        if a.get("row_start") != expect or a.get("row_stop", -1) - expect != read:
+            raise CacheError(
+                f"{c.path}: shard covers rows {a.get('row_start')}..{a.get('row_stop')} "
+                f"with {read} rows read, expected to start at row {expect}"
+            )
+        expect = int(a["row_stop"])
+    if expect != first.get("total_samples"):
+        raise CacheError(
+            f"{name}: the shards cover {expect} of {first.get('total_samples')} rows; re-extract"
+        )
+
+
+# ------------------------------------------------------------------- describe
+def _layer_row(name: str, g: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "module": str(read_attr(g, "module", name)),
+        "io": str(read_attr(g, "io", "input")),
+        "depth": int(read_attr(g, "depth", 0)),
+        "role": str(read_attr(g, "role", "other")),
+        "dim": int(read_attr(g, "dim", -1)),
+        "dtype": str(g["features"].dtype) if "features" in g else None,
+        "weight": list(g["weight"].shape) if "weight" in g else None,
+        "stats": "stats" in g,
+    }
+
+
+def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Attributes and layer layout of a cache (or of an unfinished ``.partial``)."""
+    p = Path(path)
+    if p.name.endswith(".partial"):
+        try:
+            f = h5py.File(p, "r")
+        except OSError as exc:
+            raise CacheError(f"{p}: not a readable HDF5 file ({one_line(exc)})") from None
+        with f:
+            attrs = {k: read_attr(f, k) for k in f.attrs}
+            layers = [_layer_row(n, g) for n, g in (f["layers"].items() if "layers" in f else [])]
+        return {"path": str(p), "complete": False, "attrs": attrs, "layers": layers}
+    with Cache(p) as c:
+        rows = [_layer_row(name, c.h5[f"layers/{name}"]) for name in c.layers]
+        return {"path": str(p), "complete": True, "attrs": c.attrs, "layers": rows}
