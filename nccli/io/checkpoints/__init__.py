@@ -1,0 +1,163 @@
+"""Every checkpoint format → an ``nn.Module``, loaded safely.
+
+:func:`load_model` is the only entry point.  The format is read from the file's bytes, not
+its extension (``format`` in the result in brackets):
+
+- zip with ``data.pkl``, or a legacy pickle: ``torch.load(weights_only=True)``; a state
+  dict, possibly nested under ``state_dict``/``model``/``model_state_dict``/``net``/
+  ``module``, loaded into ``arch`` or ``model`` [``state_dict``]; a whole pickled
+  ``nn.Module`` only with ``trust_checkpoint=True`` [``pickle``]
+- zip with ``code/`` or ``constants.pkl``: ``torch.jit.load`` [``torchscript``]
+- zip with ``archive_format`` = ``pt2`` or ``models/*.json``:
+  ``torch.export.load(...).module()`` [``export``]
+- 8-byte little-endian length + JSON header: the ``safetensors`` package, whose
+  ``__metadata__`` may carry ``epoch``/``step`` [``safetensors``]
+
+Nothing is unpickled outside the weights-only unpickler unless ``trust_checkpoint`` is
+set: a file that needs it raises :class:`~nccli.errors.UnsafeCheckpointError` naming the
+globals it would import.  ``torch.export`` archives are screened the same way before
+``torch.export.load`` (which would otherwise fall back to full unpickling on its own).
+When ``arch`` or ``model`` is given for a TorchScript, export or pickled-module file, that
+architecture is built and the file's weights are loaded into it, so the result has the
+named submodules hooks need.
+
+Modules: :mod:`.base` (the reader contract, shared helpers), :mod:`.pickled`
+(``torch.save``), :mod:`.tensors` (safetensors), :mod:`.archives` (TorchScript, export),
+:mod:`.formats` (the ordered table of formats: add a new one there) and :mod:`.weights`
+(loading weights into ``--arch``/``--model``); this module checks the file and assembles
+the result.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import nccli.zoo as zoo
+from nccli.errors import CheckpointError, UsageError
+from nccli.io._util import file_sha256
+from nccli.io.checkpoints.base import CheckpointFormat, Contents, as_int
+from nccli.io.checkpoints.formats import FORMATS, detect_format
+from nccli.io.checkpoints.pickled import WRAPPER_KEYS
+from nccli.io.checkpoints.weights import STRIP_PREFIXES, build_target, load_into
+from nccli.io.names import epoch_step_from_name
+
+__all__ = [
+    "FORMATS",
+    "STRIP_PREFIXES",
+    "WRAPPER_KEYS",
+    "CheckpointFormat",
+    "LoadedCheckpoint",
+    "load_model",
+]
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for inference (eval mode) and what is known about where it came from.
+
+    ``format`` is one of ``state_dict``, ``safetensors``, ``torchscript``, ``export`` or
+    ``pickle``.  ``arch`` is the zoo spec (``nccli.zoo.format_arch``) or the ``--model``
+    import string the module was built from, ``None`` when the file held the whole model.
+    ``metadata`` holds the safetensors ``__metadata__`` or the top-level str/int/float/bool
+    entries of a checkpoint dict, as strings.
+    """
+
+    module: nn.Module
+    format: str
+    epoch: int | None
+    step: int | None
+    sha256: str
+    path: Path
+    arch: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    model: str | None = None,
+    trust_checkpoint: bool = False,
+    map_location: str | torch.device | None = "cpu",
+) -> LoadedCheckpoint:
+    """Load the checkpoint at ``path`` as a module in eval mode.
+
+    ``arch`` is a zoo spec (``"resnet18:num_classes=10"``, see :func:`nccli.zoo.parse_arch`)
+    and ``model`` an import string ``"pkg.module:factory"`` whose call returns an
+    ``nn.Module``; one of them is needed when the file holds only weights.  Raises
+    :class:`~nccli.errors.CheckpointError` for a missing, empty, truncated or foreign file
+    and for weights that do not fit the architecture (names listed),
+    :class:`~nccli.errors.UnsafeCheckpointError` when the file needs arbitrary unpickling
+    and ``trust_checkpoint`` is false, and :class:`~nccli.errors.UsageError` for a bad
+    ``arch``/``model`` or when neither is given for a state dict.
+    """
+    p = Path(path)
+    if arch is not None and model is not None:
+        raise UsageError(f"{p}: pass either --arch or --model, not both")
+    _check_file(p)
+    digest = file_sha256(p)
+    got = detect_format(p).read(p, trust_checkpoint, map_location)
+    epoch, step = _epoch_step(p, got)
+    module, label = _module_for(p, got, arch, model)
+    if isinstance(map_location, (str, torch.device)):
+        module = module.to(map_location)
+    if module is not got.whole or got.format != "export":  # an exported graph is traced: no .eval()
+        module.eval()
+    return LoadedCheckpoint(module, got.format, epoch, step, digest, p, label, got.meta)
+
+
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such checkpoint file; check the path")
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory; pass the checkpoint file inside it")
+    if not os.access(p, os.R_OK):
+        raise CheckpointError(
+            f"{p}: not readable (permission denied); fix its permissions (chmod u+r) or "
+            "copy it somewhere readable"
+        )
+    if p.stat().st_size == 0:
+        raise CheckpointError(
+            f"{p}: file is empty (0 bytes); the save was probably interrupted, re-save or "
+            "re-copy it"
+        )
+
+
+def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
+    """Epoch and step: stored in the file (dict entries, then metadata), else from the name."""
+    epoch, step = got.epoch, got.step
+    if epoch is None:
+        epoch = as_int(got.meta.get("epoch"))
+    if step is None:
+        step = as_int(got.meta.get("step", got.meta.get("global_step")))
+    name_epoch, name_step = epoch_step_from_name(p.name)
+    epoch = name_epoch if epoch is None else epoch
+    step = name_step if step is None else step
+    return epoch, step
+
+
+def _module_for(
+    p: Path, got: Contents, arch: str | None, model: str | None
+) -> tuple[nn.Module, str | None]:
+    """The module to return and its ``arch`` label: the named architecture with the file's
+    weights loaded into it, or the file's own whole module."""
+    if arch is not None or model is not None:
+        target, label = build_target(p, arch, model)
+        state = got.state
+        if state is None and got.whole is not None:
+            state = got.whole.state_dict()
+        assert state is not None
+        load_into(target, state, p, label)
+        return target, label
+    if got.whole is not None:
+        return got.whole, None
+    assert got.state is not None
+    raise UsageError(
+        f"{p}: holds only weights ({len(got.state)} tensors); pass --arch NAME[:key=value,...] "
+        f"(built in: {', '.join(zoo.available())}) or --model pkg.module:factory"
+    )

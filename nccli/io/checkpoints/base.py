@@ -1,0 +1,89 @@
+"""The contract between :func:`~nccli.io.checkpoints.load_model` and the format readers.
+
+A :class:`CheckpointFormat` pairs a detector, which looks only at a :class:`Probe` of the
+file's first bytes and zip member names, with a reader, which returns the file's
+:class:`Contents` (the weights, the whole module, or both, with what else it stored).
+Also the error and text helpers every reader shares.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nccli.errors import CheckpointError
+from nccli.io._util import one_line
+
+__all__ = ["CheckpointFormat", "Contents", "Probe", "as_int", "corrupt", "names"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What detection may look at: ``head`` is the first 9 bytes; ``members`` the zip
+    member names below the archive's top folder (``None`` when the file is not a zip) and
+    ``archive_format`` the stripped bytes of its ``archive_format`` member, if any."""
+
+    path: Path
+    size: int
+    head: bytes
+    members: frozenset[str] | None
+    archive_format: bytes | None
+
+
+@dataclass
+class Contents:
+    """What a reader found: ``format`` as reported in the result, the weights (``state``)
+    and/or the whole module, and any epoch/step/metadata stored inside the file."""
+
+    format: str
+    state: Mapping[str, Any] | None = None
+    whole: nn.Module | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    epoch: int | None = None
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """One checkpoint format: ``detect(probe)`` says whether the file is one (it may raise
+    a ``CheckpointError`` for a file that is one but is damaged); ``read(path,
+    trust_checkpoint, map_location)`` loads it, never unpickling untrusted code."""
+
+    name: str
+    detect: Callable[[Probe], bool]
+    read: Callable[[Path, bool, Any], Contents]
+
+
+def corrupt(p: Path, what: str, exc: BaseException | str) -> CheckpointError:
+    return CheckpointError(
+        f"{p}: {what} is truncated or corrupt ({one_line(exc)}); re-save or re-copy the checkpoint"
+    )
+
+
+def names(items: Iterable[str], limit: int = 5) -> str:
+    """``a, b, c, d, e and 7 more``."""
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
+
+
+def as_int(value: Any) -> int | None:
+    """An epoch/step number from an int, whole float, 0-d tensor or digit string."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return None
+        value = value.item()
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return None
