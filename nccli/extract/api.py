@@ -132,23 +132,19 @@ def extract(
 
     ``data`` is a dataset spec (:func:`nccli.io.datasets.open_dataset`), opened once.
     ``arch`` (zoo spec) or ``model`` (``pkg.module:factory``) builds the network a state
-    dict is loaded into.  ``layers`` is ``"auto"`` or names/globs (:func:`discover_layers`).
+    dict is loaded into.  ``layers``: ``"auto"`` or names/globs (:func:`discover_layers`).
     ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype`` is how features are stored;
     statistics are float64 of the stored values.  A finished cache of the same checkpoint
-    and data is skipped unless ``overwrite``; ``resume`` continues a ``.partial`` left by
-    an interrupted run.  ``num_workers > 0`` loads (and pins) batches in a background
-    thread, ``2·num_workers`` ahead.  ``progress=False`` silences stderr (bar and notes);
-    the bar only shows on a terminal.  Returns the cache paths, in checkpoint order.
+    and data is skipped unless ``overwrite``; ``resume`` continues a ``.partial``.
+    ``num_workers > 0`` loads (and pins) batches in a thread, ``2·num_workers`` ahead.
+    ``progress=False`` silences stderr (the bar only shows on a terminal).
+    ``skip_nonfinite`` drops samples with NaN/Inf features or logits in any layer from
+    every layer (counted per class) instead of failing.  Returns the cache paths.
 
-    Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it; ``False``
-    ignores it) each rank extracts a disjoint shard into ``<stem>.rank<r>.h5`` and the
-    ranks' statistics are merged and checked on rank 0 (:mod:`nccli.distributed`);
-    ``dist_backend`` is ``auto``/``gloo``/``nccl``, ``dist_timeout`` the minutes a rank
-    waits for the others.  Returns this rank's shard paths then.
-
-    ``skip_nonfinite`` drops samples whose features or logits hold NaN/Inf in any layer
-    from every layer (a note and the ``skipped_nonfinite`` attribute of each layer count
-    them per class) instead of failing on the first one.
+    Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it) each rank
+    extracts a disjoint shard ``<stem>.rank<r>.h5``; rank 0 merges and checks the ranks'
+    statistics (:mod:`nccli.extract.distributed`; ``dist_backend`` auto/gloo/nccl,
+    ``dist_timeout`` minutes).  Returns this rank's shard paths then.
     """
     paths = _check_options(
         checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
@@ -158,33 +154,16 @@ def extract(
     if group is not None:
         dev = group.device
     try:
-        if amp != "off" and dev.type != "cuda":
-            raise UsageError(
-                f"--amp {amp} needs a CUDA device (this run uses {dev}); use --amp off or "
-                "--device cuda"
-            )
-        for p in paths:
-            if not p.exists():
-                raise DataError(f"{p}: no such checkpoint file; check the path")
         out = Path(out_dir)
-        _check_out_dir(out)
+        _check_run(amp, dev, paths, out)
         cfg = Settings(
-            device=dev,
-            amp=amp,
-            batch_size=batch_size,
-            feature_dtype=feature_dtype,
-            layers=layers,
-            arch=arch,
-            model=model,
-            trust_checkpoint=trust_checkpoint,
-            resume=resume,
-            overwrite=overwrite,
-            command=command if command is not None else shlex.join(sys.argv),
+            dev, amp, batch_size, feature_dtype, layers, arch, model, trust_checkpoint,
+            resume, overwrite, command if command is not None else shlex.join(sys.argv),
             notes=progress,
             rank=group.rank if group is not None else 0,
             world_size=group.world_size if group is not None else 1,
             skip_nonfinite=skip_nonfinite,
-        )
+        )  # fmt: skip
         from nccli.io.datasets import open_dataset
 
         ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
@@ -197,6 +176,19 @@ def extract(
     finally:
         if group is not None:
             group.close()
+
+
+def _check_run(amp: str, dev: Any, paths: list[Path], out: Path) -> None:
+    """Refuse, before any work, what cannot run here: AMP off CUDA, a missing checkpoint,
+    an ``-o`` that cannot become a writable directory."""
+    if amp != "off" and dev.type != "cuda":
+        raise UsageError(
+            f"--amp {amp} needs a CUDA device (this run uses {dev}); use --amp off or --device cuda"
+        )
+    for p in paths:
+        if not p.exists():
+            raise DataError(f"{p}: no such checkpoint file; check the path")
+    _check_out_dir(out)
 
 
 def _join_group(

@@ -187,6 +187,35 @@ class CacheSource(Source):
             c.close()
 
 
+def _integer_labels(p: Path, labels: Any) -> np.ndarray:
+    """``labels`` as int64, refusing fractional, non-integer or negative ones."""
+    y = np.asarray(labels[()])
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise DataError(f"{p}: 'labels' are fractional floats; class labels must be integers")
+        y = y.astype(np.int64)
+    elif y.dtype.kind not in "iub":
+        raise DataError(f"{p}: 'labels' have dtype {y.dtype}; class labels must be integers")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise DataError(f"{p}: 'labels' contain negative values ({int(y.min())})")
+    return y
+
+
+def _classifier(p: Path, W: Any, b: Any, dim: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The file's optional ``weight`` (K, d) and ``bias`` (K,), float64, checked."""
+    W = None if W is None else np.asarray(W[()], dtype=np.float64)
+    b = None if b is None else np.asarray(b[()], dtype=np.float64).reshape(-1)
+    if W is not None and (W.ndim != 2 or W.shape[1] != dim):
+        raise DataError(f"{p}: 'weight' has shape {W.shape}; expected (K, {dim}) to match features")
+    if b is not None and (W is None or b.shape != (W.shape[0],)):
+        raise DataError(f"{p}: 'bias' has shape {b.shape}; it needs a 'weight' with as many rows")
+    for nm, arr in (("weight", W), ("bias", b)):
+        if arr is not None and not np.isfinite(arr).all():
+            raise DataError(f"{p}: '{nm}' contains NaN or Inf")
+    return W, b
+
+
 class ArraySource(Source):
     """A plain ``.npz`` / ``.h5`` features file (``features``, ``labels``, opt. ``weight``,
     ``bias``, ``epoch``).
@@ -239,35 +268,10 @@ class ArraySource(Source):
             raise DataError(
                 f"{p}: 'labels' has shape {labels.shape} but 'features' has {feats.shape[0]} rows"
             )
-        y = np.asarray(labels[()])
-        if y.dtype.kind == "f":
-            if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
-                raise DataError(
-                    f"{p}: 'labels' are fractional floats; class labels must be integers"
-                )
-            y = y.astype(np.int64)
-        elif y.dtype.kind not in "iub":
-            raise DataError(f"{p}: 'labels' have dtype {y.dtype}; class labels must be integers")
-        y = y.astype(np.int64)
-        if y.size and y.min() < 0:
-            raise DataError(f"{p}: 'labels' contain negative values ({int(y.min())})")
+        y = _integer_labels(p, labels)
         if feats.dtype.kind not in "fiu":
             raise DataError(f"{p}: 'features' have dtype {feats.dtype}; expected numbers")
-        W = get("weight")
-        b = get("bias")
-        W = None if W is None else np.asarray(W[()], dtype=np.float64)
-        b = None if b is None else np.asarray(b[()], dtype=np.float64).reshape(-1)
-        if W is not None and (W.ndim != 2 or W.shape[1] != feats.shape[1]):
-            raise DataError(
-                f"{p}: 'weight' has shape {W.shape}; expected (K, {feats.shape[1]}) to match features"
-            )
-        if b is not None and (W is None or b.shape != (W.shape[0],)):
-            raise DataError(
-                f"{p}: 'bias' has shape {b.shape}; it needs a 'weight' with as many rows"
-            )
-        for nm, arr in (("weight", W), ("bias", b)):
-            if arr is not None and not np.isfinite(arr).all():
-                raise DataError(f"{p}: '{nm}' contains NaN or Inf")
+        W, b = _classifier(p, get("weight"), get("bias"), int(feats.shape[1]))
         K = num_classes or (W.shape[0] if W is not None else int(y.max()) + 1 if y.size else 0)
         if y.size and y.max() >= K:
             raise DataError(
