@@ -5,7 +5,7 @@ states once (all are *sums* in the Chan et al. sense, so merging is exact), ``up
 folds a batch in, ``merge`` combines two partitions (batches, files, ranks), and the
 metrics in :mod:`nccli.metrics` are pure functions of the result.
 
-States, per layer (METRICS.md, "Sufficient statistics"):
+States, per layer (docs/metrics.md, "How the numbers are computed"):
 
 - ``counts``   ``n_k``                                          (K,)   int64
 - ``means``    ``μ_k``                                          (K, d) float64

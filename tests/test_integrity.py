@@ -22,9 +22,9 @@ from nccli import zoo
 from nccli.cli import app
 from nccli.errors import CacheError, DataError
 from nccli.extract import extract
-from nccli.io.cache import Cache, verify_cache
+from nccli.io.cache import Cache, stats_digest, verify_cache
 from nccli.measure import measure
-from nccli.stats import ClassStats, stats_digest
+from nccli.stats import ClassStats
 
 ex = importlib.import_module("nccli.extract")  # the package re-exports the extract() function
 api = importlib.import_module("nccli.extract.api")
@@ -117,10 +117,16 @@ def test_verify_reports_each_layer(cache: Path) -> None:
 
 
 def test_cache_without_checksum_still_reads(cache: Path) -> None:
-    """Caches written before the checksum existed measure as before; --verify says so."""
+    """Caches written before the checksum existed measure as before; --verify says so.
+
+    Those are version-1 caches (the checksum is required from version 2 on): the file is
+    turned into one as nccli 0.1.0 wrote it, without the checksums."""
     before = measure(cache, metrics="nc1")
     with h5py.File(cache, "r+") as f:
+        f.attrs.update({"format": "nccli-cache", "schema_version": 1, "encoding-version": "1"})
         for name in LAYERS:
+            f[f"layers/{name}"].attrs["encoding-version"] = "1"
+            f[f"layers/{name}/stats"].attrs["encoding-version"] = "1"
             del f[f"layers/{name}/stats"].attrs["sha256"]
     after = measure(cache, metrics="nc1")
     assert before["value"].tolist() == after["value"].tolist()

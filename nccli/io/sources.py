@@ -4,7 +4,7 @@ Every input becomes a :class:`Source` (one checkpoint's features) holding
 :class:`LayerView` s in depth order.  A layer view gives the statistics (stored, or
 recomputed by streaming the features), chunked ``(features, labels)`` batches for the NC4
 pass, and the classifier that acts on that layer — for a layer inside a deep linear head,
-the composite affine map of the linear layers above it (METRICS.md, "Deep linear heads").
+the composite affine map of the linear layers above it (docs/metrics.md, "Deep linear heads").
 
 Plain files: ``.npz`` or ``.h5``/``.hdf5`` with arrays ``features`` (N, d), ``labels`` (N,)
 and optionally ``weight`` (K, d), ``bias`` (K,) and a scalar ``epoch``.  HDF5 features are
