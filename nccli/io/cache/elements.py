@@ -155,9 +155,16 @@ def _read_layer(g: Any, where: str, *, num_samples: int, version: str) -> Layer:
             f"{where}: /layers/{name}/weight has shape {g['weight'].shape}, "
             f"which does not take {dim}-dimensional inputs"
         )
+    return layer_record(g)
+
+
+def layer_record(g: Any) -> Layer:
+    """The :class:`Layer` a layer group describes (attributes only, nothing validated or
+    read: ``nccli info`` shows unfinished files with it too)."""
+    name = g.name.rpartition("/")[2]
     return Layer(
         name=name,
-        dim=dim,
+        dim=int(read_attr(g, "dim", -1)),
         module=str(read_attr(g, "module", name)),
         depth=int(read_attr(g, "depth", 0)),
         role=str(read_attr(g, "role", "other")),

@@ -20,7 +20,7 @@ import h5py
 
 from nccli.errors import CacheError, UsageError
 from nccli.io._util import one_line
-from nccli.io.cache.elements import read_stats
+from nccli.io.cache.elements import layer_record, read_stats
 from nccli.io.cache.encoding import read_attr
 from nccli.io.cache.reader import Cache, is_cache
 from nccli.stats import ClassStats
@@ -177,18 +177,14 @@ def check_shard_set(caches: Sequence[Cache], name: str) -> None:
 
 
 # ------------------------------------------------------------------- describe
-def _layer_row(name: str, g: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "module": str(read_attr(g, "module", name)),
-        "io": str(read_attr(g, "io", "input")),
-        "depth": int(read_attr(g, "depth", 0)),
-        "role": str(read_attr(g, "role", "other")),
-        "dim": int(read_attr(g, "dim", -1)),
-        "dtype": str(g["features"].dtype) if "features" in g else None,
-        "weight": list(g["weight"].shape) if "weight" in g else None,
-        "stats": "stats" in g,
-    }
+def _layer_row(g: Any) -> dict[str, Any]:
+    """``nccli info``'s row of a layer group: its record, the stored dtype and shapes."""
+    row = layer_record(g).row()
+    row["dtype"] = str(g["features"].dtype) if "features" in g else None
+    row["weight"] = list(g["weight"].shape) if "weight" in g else None
+    row["bias"] = "bias" in g
+    row["stats"] = "stats" in g
+    return row
 
 
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -201,8 +197,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise CacheError(f"{p}: not a readable HDF5 file ({one_line(exc)})") from None
         with f:
             attrs = {k: read_attr(f, k) for k in f.attrs}
-            layers = [_layer_row(n, g) for n, g in (f["layers"].items() if "layers" in f else [])]
+            layers = [_layer_row(g) for g in (f["layers"].values() if "layers" in f else [])]
         return {"path": str(p), "complete": False, "attrs": attrs, "layers": layers}
     with Cache(p) as c:
-        rows = [_layer_row(name, c.h5[f"layers/{name}"]) for name in c.layers]
+        rows = [_layer_row(c.h5[f"layers/{name}"]) for name in c.layers]
         return {"path": str(p), "complete": True, "attrs": c.attrs, "layers": rows}
