@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from helpers import runner
 
 from nccli import ClassStats, measure
 from nccli.cli import app
@@ -15,7 +15,6 @@ from nccli.errors import CacheError
 from nccli.io.cache import Cache, CacheWriter, LayerSpec, partial_path
 from nccli.io.sources import open_sources
 
-runner = CliRunner()
 K, N = 3, 120
 #: a cache written by nccli 0.1.0 (format version 1), kept to prove it still reads
 V1_CACHE = Path(__file__).parent / "data" / "cache_v1.h5"

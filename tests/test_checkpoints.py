@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import Evil, seeded_model
 from torch import nn
 
 from nccli import zoo
@@ -24,8 +24,7 @@ ARCH = "mlp:in_dim=12,widths=16-,num_classes=4,head_depth=2,head_width=8"
 
 @pytest.fixture
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    return zoo.build(ARCH)
+    return seeded_model(ARCH)
 
 
 @pytest.fixture
@@ -36,16 +35,6 @@ def x() -> torch.Tensor:
 def same_outputs(loaded: LoadedCheckpoint, model: nn.Module, x: torch.Tensor) -> bool:
     with torch.no_grad():
         return bool(torch.allclose(loaded.module(x), model(x), atol=1e-6, rtol=0))
-
-
-class Evil:
-    """A pickle payload that would create a marker file when unpickled."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
 
 
 WRAPPERS = {
@@ -182,7 +171,7 @@ def test_torch_export_with_unsafe_payload_is_refused(
     good = tmp_path / "good.pt2"
     _export(model, x, good)
     evil_bytes = io.BytesIO()
-    torch.save({"inputs": Evil(marker)}, evil_bytes)
+    torch.save({"inputs": Evil(marker, via="system")}, evil_bytes)
     bad = tmp_path / "bad.pt2"
     with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
         for info in src.infolist():
@@ -202,7 +191,7 @@ def test_malicious_pickle_is_refused_without_the_flag(
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pt"
-    torch.save({"state_dict": {}, "payload": Evil(marker)}, path)
+    torch.save({"state_dict": {}, "payload": Evil(marker, via="system")}, path)
     with pytest.raises(UnsafeCheckpointError) as err:
         load_model(path, arch=ARCH)
     message = str(err.value)
@@ -218,7 +207,7 @@ def test_raw_malicious_pickle_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pkl"
-    path.write_bytes(pickle.dumps(Evil(marker), protocol=2))
+    path.write_bytes(pickle.dumps(Evil(marker, via="system"), protocol=2))
     with pytest.raises(UnsafeCheckpointError, match="--trust-checkpoint"):
         load_model(path)
     assert not marker.exists()

@@ -10,13 +10,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+from helpers import python_m_nccli, runner
 
 from nccli import measure
 from nccli.cli import app
 from nccli.metrics import METRICS
-
-runner = CliRunner()
 
 
 @pytest.fixture()
@@ -115,16 +113,10 @@ def test_bad_labels_file(tmp_path):
 def test_debug_shows_traceback(tmp_path):
     p = tmp_path / "bad.npz"
     np.savez(p, features=np.zeros((4, 3)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "nccli", "--debug", "measure", str(p)],
-        capture_output=True,
-        text=True,
-    )
+    proc = python_m_nccli("--debug", "measure", str(p))
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "nccli", "measure", str(p)], capture_output=True, text=True
-    )
+    proc = python_m_nccli("measure", str(p))
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "no array named 'labels'" in proc.stderr

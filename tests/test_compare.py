@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+from helpers import python_m_nccli, runner
 
 from nccli.cli import app
 from nccli.compare import compare, parse_threshold, run_names
@@ -22,7 +20,6 @@ from nccli.io.sources import open_sources
 from nccli.measure import measure
 from nccli.stats import ClassStats
 
-runner = CliRunner()
 K, N = 4, 240
 LAYERS = ("block", "feat", "head_in")  # depth order
 
@@ -317,13 +314,7 @@ def test_json_wide_and_output_file(npz_run, tmp_path):
 
 def test_subprocess_pipeline_csv(two_runs, tmp_path):
     files = [str(p) for p in two_runs["base"][::-1] + two_runs["wide"]]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nccli", "compare", *files, "--by", "run", "-m", "nc1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    proc = python_m_nccli("compare", *files, "--by", "run", "-m", "nc1", timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(io.StringIO(proc.stdout))  # piped: csv by default
     assert list(df.columns) == ["source", "run", "epoch", "layer", "metric", "value"]
@@ -353,7 +344,7 @@ def test_plot_png(two_runs, tmp_path):
     npz = [write_npz(z / f"r_ep{e}.npz", e) for e in (0, 3, 300)]
     res = compare(npz, metrics="nc1,nc4")
     assert (res.data[res.data["metric"] == "nc4"]["value"] == 0).any()
-    from nccli.plot import plot_compare
+    from nccli.report.plot import plot_compare
 
     assert plot_compare(res, tmp_path / "z.png").stat().st_size > 2000
     assert plot_compare(compare(two_runs["base"][0], across="layers"), tmp_path / "l.svg").exists()

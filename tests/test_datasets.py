@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
 import sys
@@ -14,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import Evil
 
 from nccli.errors import DataError, UsageError
 from nccli.io.datasets import ArrayDataset, open_dataset, parse_normalize
@@ -200,14 +200,6 @@ def test_cifar100(tmp_path: Path) -> None:
     assert ds.class_names == names
 
 
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_cifar_unpickling_is_restricted(tmp_path: Path) -> None:
     marker = tmp_path / "marker"
     root = tmp_path / "cifar"
@@ -215,7 +207,7 @@ def test_cifar_unpickling_is_restricted(tmp_path: Path) -> None:
     batch = {
         b"data": np.zeros((10, 3072), np.uint8),
         b"labels": list(range(10)),
-        b"x": _Evil(marker),
+        b"x": Evil(marker, via="system"),
     }
     (root / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(DataError, match=r"refusing to unpickle posix\.system") as err:

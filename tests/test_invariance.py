@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import draw_merge_tree, fold_and_merge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import (
@@ -207,32 +208,14 @@ def split_and_merge_plan(draw):
     shards = [batches[sb[i] : sb[i + 1]] for i in range(len(sb) - 1)]
     shards = draw(st.permutations(shards))
     # a random binary merge tree: repeatedly merge item j into item i
-    steps = []
-    m = len(shards)
-    while m > 1:
-        i = draw(st.integers(0, m - 1))
-        j = draw(st.integers(0, m - 2))
-        steps.append((i, j if j < i else j + 1))
-        m -= 1
-    return shards, steps
+    return shards, draw_merge_tree(draw, len(shards))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(split_and_merge_plan())
 def test_any_split_any_merge_order(plan):
-    from nccli.stats import ClassStats
-
     shards, steps = plan
-    items = []
-    for shard in shards:
-        s = ClassStats(K, D)
-        for lo, hi in shard:
-            s.update(HP[lo:hi], YP[lo:hi])
-        items.append(s)
-    for i, j in steps:
-        items[i].merge(items[j])
-        del items[j]
-    (merged,) = items
+    merged = fold_and_merge(shards, steps, HP, YP, K)
     whole = _whole_p()
     assert_stats_equal(merged, whole)
     a = metrics_of(merged)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from helpers import draw_merge_tree, fold_and_merge
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import assert_array_close, engine_metrics, reference_stats
@@ -61,13 +62,7 @@ def plans(draw):
     shards = [batches[gb[i] : gb[i + 1]] for i in range(len(gb) - 1)]
     shards += [[] for _ in range(draw(st.integers(0, 2)))]  # empty shards merge too
     shards = draw(st.permutations(shards))
-    steps = []
-    m = len(shards)
-    while m > 1:
-        i = draw(st.integers(0, m - 1))
-        j = draw(st.integers(0, m - 2))
-        steps.append((i, j if j < i else j + 1))
-        m -= 1
+    steps = draw_merge_tree(draw, len(shards))
     return H[order], y[order], K, shards, steps
 
 
@@ -75,17 +70,7 @@ def plans(draw):
 @given(plans())
 def test_stats_do_not_depend_on_order_batches_shards_or_merge_tree(plan):
     H, y, K, shards, steps = plan
-    d = H.shape[1]
-    items = []
-    for shard in shards:
-        s = ClassStats(K, d)
-        for lo, hi in shard:
-            s.update(H[lo:hi], y[lo:hi])
-        items.append(s)
-    for i, j in steps:
-        items[i].merge(items[j])
-        del items[j]
-    (got,) = items
+    got = fold_and_merge(shards, steps, H, y, K)
     want = reference_stats(H, y, K)
     np.testing.assert_array_equal(got.counts, want["counts"])
     present = want["counts"] > 0

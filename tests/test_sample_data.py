@@ -35,11 +35,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return json.loads((DATA / "runs.json").read_text())
-
-
 def head_inputs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The input of every head layer and of the classifier (as ``nccli extract`` caches
     them, keyed by module name), and the logits."""
@@ -62,12 +57,12 @@ def head_inputs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tens
 
 
 @pytest.fixture(scope="module")
-def measured(manifest: dict) -> dict[str, list[dict]]:
+def measured(sample_manifest: dict) -> dict[str, list[dict]]:
     """Per run, per checkpoint: epoch, training accuracy, nc1 of every head layer's input,
     and at the classifier input the statistics and weight."""
     out: dict[str, list[dict]] = {}
     for name in RUNS:
-        run = manifest["runs"][name]
+        run = sample_manifest["runs"][name]
         data = np.load(DATA / run["data"])
         x, y = torch.from_numpy(data["x"]), data["y"]
         rows = []
@@ -92,11 +87,11 @@ def measured(manifest: dict) -> dict[str, list[dict]]:
 
 
 # ------------------------------------------------------------------------ files and manifest
-def test_files_and_manifest(manifest: dict) -> None:
-    assert sorted(manifest["runs"]) == RUNS
+def test_files_and_manifest(sample_manifest: dict) -> None:
+    assert sorted(sample_manifest["runs"]) == RUNS
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     assert total <= 20 * 1024 * 1024, f"sample_data/ is {total / 2**20:.1f} MB"
-    for name, run in manifest["runs"].items():
+    for name, run in sample_manifest["runs"].items():
         assert run["epochs"] == EPOCHS
         assert [Path(c).name for c in run["checkpoints"]] == [f"ep{e:04d}.pt" for e in EPOCHS]
         assert run["loss"] in ("ce", "mse") and run["wd"] > 0 and run["lr"] > 0
@@ -105,8 +100,8 @@ def test_files_and_manifest(manifest: dict) -> None:
         assert [h["epoch"] for h in run["history"]] == EPOCHS, name
 
 
-def test_checkpoints_record_their_epoch(manifest: dict) -> None:
-    for run in manifest["runs"].values():
+def test_checkpoints_record_their_epoch(sample_manifest: dict) -> None:
+    for run in sample_manifest["runs"].values():
         for ckpt, epoch in zip(run["checkpoints"], EPOCHS, strict=True):
             obj = torch.load(DATA / ckpt, weights_only=True)
             assert obj["epoch"] == epoch
@@ -114,7 +109,7 @@ def test_checkpoints_record_their_epoch(manifest: dict) -> None:
             assert obj["arch"] == run["arch"]
 
 
-def test_datasets(manifest: dict) -> None:
+def test_datasets(sample_manifest: dict) -> None:
     train, test = np.load(DATA / "digits_train.npz"), np.load(DATA / "digits_test.npz")
     imb = np.load(DATA / "digits_train_imbalanced.npz")
     assert train["x"].shape == (1437, 64) and test["x"].shape == (360, 64)
@@ -128,17 +123,19 @@ def test_datasets(manifest: dict) -> None:
     assert np.all(np.diff(counts) < 0) and 9 <= counts[0] / counts[-1] <= 11
     rows = {r.tobytes() + bytes([c]) for r, c in zip(train["x"], train["y"], strict=True)}
     assert all(r.tobytes() + bytes([c]) in rows for r, c in zip(imb["x"], imb["y"], strict=True))
-    assert manifest["class_counts"]["digits_train_imbalanced.npz"] == counts.tolist()
+    assert sample_manifest["class_counts"]["digits_train_imbalanced.npz"] == counts.tolist()
 
 
 # ------------------------------------------------------------------------ collapse claims
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
-def test_fits_training_data(measured: dict, manifest: dict, name: str) -> None:
+def test_fits_training_data(measured: dict, sample_manifest: dict, name: str) -> None:
     last = measured[name][-1]
     assert last["acc"] == 1.0
-    assert manifest["runs"][name]["history"][-1]["train_acc"] == 1.0
+    assert sample_manifest["runs"][name]["history"][-1]["train_acc"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_nc1_at_classifier_input_falls_tenfold_along_the_run(measured: dict, name: str) -> None:
     traj = [r["nc1"]["classifier"] for r in measured[name]]
@@ -147,6 +144,7 @@ def test_nc1_at_classifier_input_falls_tenfold_along_the_run(measured: dict, nam
     assert all(b < a for a, b in zip(traj, traj[1:], strict=False)), traj
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RUNS)
 def test_nc1_falls_at_every_head_layer(measured: dict, name: str) -> None:
     first, last = measured[name][0]["nc1"], measured[name][-1]["nc1"]
@@ -156,17 +154,19 @@ def test_nc1_falls_at_every_head_layer(measured: dict, name: str) -> None:
         assert last[layer] <= first[layer] / 10, (layer, first[layer], last[layer])
 
 
-def test_run3_class_means_approach_an_orthogonal_frame(measured: dict) -> None:
+@pytest.mark.slow
+def test_run3_class_means_approach_an_orthogonal_frame(
+    measured: dict, sample_manifest: dict
+) -> None:
     traj = [geometry.of_maxcos_means(r["stats"]) for r in measured["run3_mse_imb"]]
     assert traj[0] > 0.9, traj
     assert traj[-1] < 0.25 and traj[-1] < traj[0] / 4, traj
     # the classifier of run 3 has no bias: the zoo spec says so and the state dict agrees
-    spec = zoo.parse_arch(
-        json.loads((DATA / "runs.json").read_text())["runs"]["run3_mse_imb"]["arch"]
-    )[1]
+    spec = zoo.parse_arch(sample_manifest["runs"]["run3_mse_imb"]["arch"])[1]
     assert spec["head_bias"] is False and spec["classifier_bias"] is False
 
 
+@pytest.mark.slow
 def test_run4_classifier_is_a_fixed_simplex_etf(measured: dict) -> None:
     rows = measured["run4_ce_etf"]
     w0 = rows[0]["weight"]
@@ -179,6 +179,7 @@ def test_run4_classifier_is_a_fixed_simplex_etf(measured: dict) -> None:
 
 
 # ------------------------------------------------------------------------ generator
+@pytest.mark.slow
 def test_quick_generation_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "sd"
     proc = subprocess.run(

@@ -8,7 +8,6 @@ departs from the theory, so a change to the report or the data shows up here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -23,14 +22,15 @@ ORTHO_MEANS = "predicts: NC2: class means are orthogonal"
 ORTHO_EVERY_LAYER = "predicts: class means form an orthogonal frame (bias-free MSE) at every layer"
 ZHU, HAN, DANG, JACOT = "Zhu", "Han", "Dang", "Jacot"
 
+pytestmark = pytest.mark.slow  # every test extracts the sample runs' checkpoints first
+
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory) -> dict[str, tuple[Path, Path, str]]:
+def caches(tmp_path_factory, sample_manifest) -> dict[str, tuple[Path, Path, str]]:
     """First and last checkpoint of every run, extracted once, with the run's loss."""
-    manifest = json.loads((ROOT / "runs.json").read_text())
     out = tmp_path_factory.mktemp("theory")
     result = {}
-    for name, run in manifest["runs"].items():
+    for name, run in sample_manifest["runs"].items():
         ckpts = [ROOT / run["checkpoints"][0], ROOT / run["checkpoints"][-1]]
         paths = extract(
             ckpts, str(ROOT / run["data"]), arch=run["arch"], out_dir=out / name, progress=False

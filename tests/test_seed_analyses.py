@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import runner
 
 from nccli import ClassStats, measure
 from nccli.analyses import cosine_rows, layer_metrics
@@ -37,7 +37,6 @@ from nccli.metrics.mse import ls_classifier, mse_decomposition, mse_loss
 from nccli.metrics.nc import Undefined
 from nccli.theory import COLUMNS, theory_report
 
-runner = CliRunner()
 K, D = 4, 8
 
 
