@@ -1,14 +1,15 @@
-"""Seed-paper analyses wired into ``measure``: geometry, deep-head and MSE metrics.
+"""Seed-paper analyses wired into ``measure``: training-setup options, the per-class
+predicted lengths and the ``--geometry`` rows.
 
-:func:`layer_metrics` is appended to :data:`nccli.measure.LAYER_PROVIDERS`; it computes the
-families ``geometry`` (``of_maxcos_means``, ``of_maxcos_classifier``,
-``minority_collapse``), ``deep`` (``balancedness_l``, ``cond_l``, ``erank_l``) and ``mse``
-(``mse_ls``, ``mse_dev``, ``mse_dev_frac``) for one layer from its statistics and the
-weights of the linear chain.
+The metric families of the seed papers — ``geometry`` (``of_maxcos_means``,
+``of_maxcos_classifier``, ``minority_collapse``), ``deep`` (``balancedness_l``,
+``cond_l``, ``erank_l``) and ``mse`` (``mse_ls``, ``mse_dev``, ``mse_dev_frac``) — are
+declared in :mod:`nccli.metrics.registry` like every other metric, with the rules for when
+they are shown; :func:`layer_metrics` evaluates just those families for one layer.
 
 When they are shown.  With an explicit ``--metrics`` every selected metric gets a value or
 ``nan`` with the reason.  In the default selection a metric that does not apply to a layer
-is left out instead of printed as ``nan``:
+is left out instead of printed as ``nan`` (each metric's ``shown_by_default``):
 
 - ``of_maxcos_means``, ``cond_l``, ``erank_l``: every layer;
 - ``of_maxcos_classifier``: every layer (``nan`` without a classifier, like the other
@@ -28,21 +29,22 @@ This module does not import :mod:`nccli.measure` (``measure`` imports it).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from nccli.errors import UsageError
-from nccli.metrics import MetricSet, select_metrics
+from nccli.metrics import METRICS, LayerContext, MetricSet, evaluate, select_metrics
 from nccli.metrics import deep_linear as deep
 from nccli.metrics import geometry as geo
-from nccli.metrics import mse as mse_mod
 from nccli.metrics.nc import Undefined
+from nccli.metrics.registry import MINORITY_IMBALANCE
 
 __all__ = [
     "GEOMETRY_METRICS",
     "LOSSES",
+    "MINORITY_IMBALANCE",
     "Loss",
     "ReportKind",
     "cosine_rows",
@@ -70,20 +72,8 @@ class ReportKind(str, enum.Enum):
 
 #: metric names of the cosine-matrix rows written by ``--geometry``
 GEOMETRY_METRICS = ("cos_means", "cos_classifier")
-#: without ``--loss``, ``minority_collapse`` is shown by default from this ``max/min n_k`` on
-MINORITY_IMBALANCE = 2.0
-
-_OWN = (
-    "of_maxcos_means",
-    "of_maxcos_classifier",
-    "minority_collapse",
-    "balancedness_l",
-    "cond_l",
-    "erank_l",
-    "mse_ls",
-    "mse_dev",
-    "mse_dev_frac",
-)
+#: the metric families of the seed-paper analyses
+ANALYSIS_FAMILIES = ("geometry", "deep", "mse")
 
 
 def validate_options(opts: Any) -> None:
@@ -110,91 +100,17 @@ def head_depth(opts: Any, chain: Sequence[Any]) -> int | None:
     return len(chain) or None
 
 
-def _minority_shown(counts: np.ndarray, loss: str | None) -> bool:
-    """Default display of ``minority_collapse``: not for MSE; at least two minority classes;
-    and, unless ``--loss ce`` was given, clearly imbalanced data (``max/min n_k ≥ 2``)."""
-    if loss == "mse" or geo.minority_classes(counts).size < 2:
-        return False
-    if loss == "ce":
-        return True
-    c = np.asarray(counts, dtype=np.float64)
-    return bool(c.min() > 0 and c.max() / c.min() >= MINORITY_IMBALANCE) or bool(c.min() == 0)
-
-
-def _explicit(opts: Any) -> bool:
-    return getattr(opts, "metrics", None) is not None
-
-
 def layer_metrics(view: Any, stats: Any, opts: Any, all_views: list[Any]) -> MetricSet:
-    """The ``geometry`` / ``deep`` / ``mse`` metrics of one layer (a ``LAYER_PROVIDERS`` entry)."""
-    out = MetricSet()
-    explicit = _explicit(opts)
-    loss = getattr(opts, "loss", None)
-    # compute only what was asked for: mse_* and erank_l cost O(d³) each
+    """The ``geometry`` / ``deep`` / ``mse`` metrics of one layer, in registry order: those
+    selected by ``opts.metrics``, and the ``mse`` family whenever ``opts.loss`` is ``"mse"``."""
     wanted = set(select_metrics(getattr(opts, "metrics", None)))
-    if loss == "mse":
-        wanted |= {"mse_ls", "mse_dev", "mse_dev_frac"}
-    center = getattr(opts, "center", "global")
-    rtol = getattr(opts, "rtol", 1e-8)
-    W = view.classifier_weight
-    chain = deep.head_chain(all_views)
-    pos = deep.chain_position(view, chain)
-    bias_free = deep.head_is_bias_free(view)
-
-    def put(name: str, fn: Callable[[], float], shown: bool = True, why: str = "") -> None:
-        if name not in wanted:
-            return
-        if shown:
-            out.put(name, fn)
-        elif explicit:
-            out.undefined(name, why)
-
-    no_cls = "no classifier weight for this layer"
-    put("of_maxcos_means", lambda: geo.of_maxcos_means(stats))
-    if W is not None:
-        put("of_maxcos_classifier", lambda: geo.of_maxcos_classifier(W))
-    elif "of_maxcos_classifier" in wanted:
-        out.undefined("of_maxcos_classifier", no_cls)
-
-    if W is None:
-        put("minority_collapse", lambda: 0.0, False, no_cls)
-    elif "minority_collapse" in wanted and (explicit or _minority_shown(stats.counts, loss)):
-        out.put("minority_collapse", lambda: geo.minority_collapse(W, stats.counts))
-
-    if pos is not None and pos >= 1:
-        lower = chain[pos - 1].weight
-        put("balancedness_l", lambda: deep.balancedness(lower, view.weight))
-    else:
-        why = (
-            "no linear layer below this one (balancedness compares W_l and W_(l+1) around it)"
-            if pos == 0
-            else "the layer is not part of a linear head"
-        )
-        put("balancedness_l", lambda: 0.0, False, why)
-    put("cond_l", lambda: deep.cond(stats, center, bool(bias_free), rtol))
-    put("erank_l", lambda: deep.erank(stats))
-
-    if W is None:
-        for name in ("mse_ls", "mse_dev", "mse_dev_frac"):
-            put(name, lambda: 0.0, False, no_cls)
-    elif wanted & {"mse_ls", "mse_dev", "mse_dev_frac"} and (explicit or loss == "mse"):
-        lam = getattr(opts, "wd_classifier", None) or 0.0
-        try:
-            dec = mse_mod.mse_decomposition(
-                stats,
-                W,
-                None if bias_free else view.classifier_bias,
-                lam,
-                bias=not bias_free,
-            )
-        except Undefined as exc:
-            for name in ("mse_ls", "mse_dev", "mse_dev_frac"):
-                out.undefined(name, str(exc))
-        else:
-            out.put("mse_ls", lambda: dec.mse_ls)
-            out.put("mse_dev", lambda: dec.mse_dev)
-            out.put("mse_dev_frac", lambda: dec.mse_dev_frac)
-    return out
+    mse_loss = getattr(opts, "loss", None) == "mse"
+    names = [
+        n
+        for n, m in METRICS.items()
+        if m.family in ANALYSIS_FAMILIES and (n in wanted or (mse_loss and m.family == "mse"))
+    ]
+    return evaluate(LayerContext.for_view(view, stats, all_views, opts), names)
 
 
 # ---------------------------------------------------------------- per-class table

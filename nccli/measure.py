@@ -1,9 +1,10 @@
 """``measure``: sources → tidy rows ``source, epoch, layer, metric, value``.
 
 The Python API behind ``nccli measure``.  For every source and selected layer it takes
-the statistics (stored in the cache, or streamed once), evaluates NC1–NC3 from them, and
-— only when NC4-family metrics are wanted — streams the features once more in chunks with
-one GEMM per chunk.  Memory is one chunk plus ``O(d² + K·d)``; nothing is N×N or K×d×d.
+the statistics (stored in the cache, or streamed once) and evaluates the selected metrics
+of the registry (:mod:`nccli.metrics.registry`) on them; only when NC4-family metrics are
+wanted are the features streamed once more, in chunks with one GEMM per chunk.  Memory is
+one chunk plus ``O(d² + K·d)``; nothing is N×N or K×d×d.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pandas as pd
 from nccli import analyses
 from nccli.errors import UsageError
 from nccli.io.sources import LayerView, Source, open_sources
-from nccli.metrics import METRICS, MetricSet, Undefined, compute_metrics, nc4_pass, select_metrics
+from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
 
 TIDY_COLUMNS = ["source", "epoch", "layer", "metric", "value"]
 PER_CLASS_METRICS = ["n_k", "sigma2_k", "mu_norm", "mu_c_norm", "w_norm", "cos_w_mu", "cos_w_mu_c"]
@@ -102,73 +103,15 @@ def per_class_table(view: LayerView, stats: Any, center: str = "global") -> dict
     }
 
 
-#: extra per-layer metric providers: ``fn(view, stats, options) -> MetricSet``; other modules
-#: (deep-linear analysis, MSE decomposition) register here so ``measure`` stays one loop.
-LAYER_PROVIDERS: list[Callable[[LayerView, Any, MeasureOptions, list[LayerView]], MetricSet]] = []
-LAYER_PROVIDERS.append(analyses.layer_metrics)
-
-
 def measure_layer(
     view: LayerView, opts: MeasureOptions, names: list[str], all_views: list[LayerView]
 ) -> MetricSet:
-    """Every selected metric of one layer."""
+    """Every selected metric of one layer, in the order of ``names``: the registry's rule
+    (:func:`nccli.metrics.registry.evaluate`) decides which rows appear and why one is ``nan``."""
     stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
-    core = [n for n in names if n in METRICS]
-    out = compute_metrics(
-        stats,
-        view.classifier_weight,
-        view.classifier_bias,
-        center=opts.center,
-        rtol=opts.rtol,
-        names=core,
-    )
-    if any(METRICS[n].needs_pass for n in core):
-        pass_names = [n for n in core if METRICS[n].needs_pass]
-        if view.classifier_weight is None:
-            # ncc_acc needs no classifier: run the pass with a dummy to get it
-            try:
-                res = nc4_pass(
-                    view.batches(opts.chunk_rows),
-                    stats,
-                    np.zeros((stats.num_classes, stats.dim)),
-                )
-            except Undefined as exc:
-                res = {}
-                for n in pass_names:
-                    out.undefined(n, str(exc))
-            for n in pass_names:
-                if n == "ncc_acc" and res:
-                    out[n] = res[n]
-                elif n not in out:
-                    out.undefined(n, "no classifier weight for this layer")
-        else:
-            try:
-                res = nc4_pass(
-                    view.batches(opts.chunk_rows),
-                    stats,
-                    view.classifier_weight,
-                    view.classifier_bias,
-                )
-                for n in pass_names:
-                    out[n] = res[n]
-            except Undefined as exc:
-                for n in pass_names:
-                    out.undefined(n, str(exc))
-    for provider in LAYER_PROVIDERS:
-        extra = provider(view, stats, opts, all_views)
-        for k, v in extra.items():
-            if k in names or not names:
-                out[k] = v
-                if k in extra.reasons:
-                    out.reasons[k] = extra.reasons[k]
-    # keep the requested order
-    ordered = MetricSet()
-    for n in names:
-        if n in out:
-            ordered[n] = out[n]
-            if n in out.reasons:
-                ordered.reasons[n] = out.reasons[n]
-    return ordered
+    ctx = LayerContext.for_view(view, stats, all_views, opts)
+    ctx.classifier()  # a classifier of the wrong shape or with NaN is a DataError
+    return evaluate(ctx, names)
 
 
 def measure_sources(

@@ -1,6 +1,6 @@
 """Deep linear heads: the chain of linear layers, balancedness, conditioning, effective rank.
 
-METRICS.md, "Deep linear heads" (Dang et al. 2023; Jacot et al. 2024).
+docs/metrics.md, "Deep linear heads" (Dang et al. 2023; Jacot et al. 2024).
 
 Index convention.  A head ``h⁽ˡ⁾ = W_l h⁽ˡ⁻¹⁾ (+ b_l)``, l = 1..M, ends in the classifier
 ``W_M``; ``h⁽⁰⁾`` is the head's input (the penultimate feature, after the last
@@ -34,6 +34,7 @@ from nccli.stats import ClassStats
 __all__ = [
     "CHAIN_ROLES",
     "balancedness",
+    "bias_free",
     "chain_position",
     "cond",
     "erank",
@@ -73,16 +74,21 @@ def chain_position(view: Any, chain: Sequence[Any]) -> int | None:
     return None
 
 
+def bias_free(weight: Any | None, bias: Any | None) -> bool | None:
+    """Whether the classifier ``(weight, bias)`` has no bias: True when the bias is absent
+    or exactly zero, False when it has a non-zero entry, None without a classifier."""
+    if weight is None:
+        return None
+    return bias is None or not np.any(np.asarray(bias) != 0)
+
+
 def head_is_bias_free(view: Any) -> bool | None:
     """Whether the (composite) classifier acting on ``view`` has no bias.
 
     True when the composite bias is absent or exactly zero (a cached module without a bias
     composes to zeros), False when it has a non-zero entry, None without a classifier.
     """
-    if view.classifier_weight is None:
-        return None
-    b = view.classifier_bias
-    return b is None or not np.any(np.asarray(b) != 0)
+    return bias_free(view.classifier_weight, view.classifier_bias)
 
 
 def balancedness(w_lower: np.ndarray, w_upper: np.ndarray) -> float:

@@ -1,7 +1,7 @@
 """Orthogonal-frame geometry, minority collapse and the bias-free imbalanced MSE optimum.
 
-Pure functions of the statistics (and of a classifier ``W``), METRICS.md section
-"Imbalanced and bias-free geometry" (Dang et al. 2023):
+Pure functions of the statistics (and of a classifier ``W``), docs/metrics.md section
+"Orthogonal frame and minority collapse" (Dang et al. 2023):
 
 - ``of_maxcos_means``      ``max_{k≠l} |cos(μ_k, μ_l)|`` on the *uncentred* class means
   (0 for an orthogonal frame);

@@ -1,6 +1,6 @@
 """MSE decomposition around the least-squares classifier (Han, Papyan & Donoho 2022).
 
-METRICS.md, "MSE decomposition — central path".  For features ``H`` (N × d), one-hot
+docs/metrics.md, "MSE decomposition".  For features ``H`` (N × d), one-hot
 targets ``Y`` and a classifier ``(W, b)``,
 
     L(W, b) = (1/2N) ||H Wᵀ + 1bᵀ - Y||_F² + (λ/2) ||W||_F²

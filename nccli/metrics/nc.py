@@ -1,4 +1,4 @@
-"""NC1–NC4 and CDNV as pure functions of :class:`~nccli.stats.ClassStats` (METRICS.md).
+"""NC1–NC4 and CDNV as pure functions of :class:`~nccli.stats.ClassStats` (docs/metrics.md).
 
 Conventions: ``Σ_W = S_W / N``; ``Σ_B = (1/K) Σ_k (μ_k-μ_G)(μ_k-μ_G)ᵀ``; ``nc1`` is divided
 by K; centring uses the sample-weighted global mean unless ``center="classmean"``.
@@ -23,7 +23,7 @@ class Undefined(ValueError):
 
 
 def _present(stats: ClassStats) -> np.ndarray:
-    """Mask of classes with samples; the metrics need every class present (METRICS.md)."""
+    """Mask of classes with samples; the metrics need every class present (docs/metrics.md)."""
     counts = stats.counts
     present = counts > 0
     if present.sum() < 2:

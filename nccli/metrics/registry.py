@@ -1,0 +1,350 @@
+"""The metrics registry: every metric nccli reports, declared once (docs/metrics.md).
+
+A :class:`Metric` declaration says everything about a metric:
+
+- ``name``, ``family`` (what ``--metrics`` accepts besides names), ``higher_is_better``
+  and ``formula`` (the text ``nccli metrics`` shows);
+- ``default``: part of the default selection (off for metrics that cost O(d³) per layer);
+- ``needs``: what it needs besides the statistics, checked in order — :data:`PASS` (a
+  second pass over the features), :data:`CLASSIFIER`, :data:`CHAIN` (the layer is in the
+  linear head); each unmet need gives its reason;
+- ``requires(ctx) -> reason | None``: any further condition for a value;
+- ``shown_by_default(ctx) -> bool``: whether the row appears for this layer when the
+  metrics were not named with ``--metrics``;
+- ``kernel(ctx) -> float``: the value for one :class:`~nccli.metrics.context.LayerContext`,
+  or :class:`~nccli.metrics.nc.Undefined` with the reason.
+
+One rule (:func:`evaluate`) turns the declarations into a layer's rows, for every metric
+alike: without ``--metrics`` a metric whose ``shown_by_default`` is false is left out;
+otherwise the first unmet need or ``requires`` reason makes it ``nan`` with that reason;
+otherwise the kernel gives the value (or ``nan`` with the reason it raised).
+
+Kernels that share an expensive computation go through one compute group, memoised on
+the context (:meth:`LayerContext.shared`): :func:`feature_pass` (``nc4``, ``acc``,
+``ncc_acc``: one chunked pass, :func:`~nccli.metrics.nc.nc4_pass`), :func:`mse_terms`
+(``mse_*``: one :func:`~nccli.metrics.mse.mse_decomposition`), :func:`classifier_rows`
+(one Gram of ``W`` for the four ``nc2_*_classifier``) and :func:`mean_vectors` (the
+centred means' Gram, shared through the statistics' memo with ``nc1`` and ``cdnv``).
+
+Adding a metric: write its pure function in the family module (``nc.py``,
+``geometry.py``, ``deep_linear.py``, ``mse.py``), declare it with one
+``_d(M(name, family, formula, kernel, ...))`` (``METRICS.declare(Metric(...))``) at the end
+of this module (its place is its display order), describe it in docs/metrics.md, and
+test it.  ``measure``, ``--metrics``, ``nccli metrics``, ``compute_metrics`` (families
+nc1–nc3) and the table arrows all read this registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from nccli.metrics import deep_linear as deep
+from nccli.metrics import geometry as geo
+from nccli.metrics import mse as mse_mod
+from nccli.metrics import nc
+from nccli.metrics.context import LayerContext, MetricSet
+from nccli.metrics.nc import Undefined, nc4_pass
+
+__all__ = [
+    "CHAIN",
+    "CLASSIFIER",
+    "CORE_FAMILIES",
+    "METRICS",
+    "MINORITY_IMBALANCE",
+    "NO_CLASSIFIER",
+    "PASS",
+    "Metric",
+    "Need",
+    "Registry",
+    "classifier_rows",
+    "evaluate",
+    "feature_pass",
+    "mean_vectors",
+    "mse_terms",
+]
+
+Kernel = Callable[[LayerContext], float]
+Predicate = Callable[[LayerContext], bool]
+
+NO_CLASSIFIER = "no classifier weight for this layer"
+#: without ``--loss``, ``minority_collapse`` is shown by default from this ``max/min n_k`` on
+MINORITY_IMBALANCE = 2.0
+#: families :func:`~nccli.metrics.compute_metrics` evaluates from the statistics alone
+CORE_FAMILIES = ("nc1", "nc2", "nc3", "nc4")
+
+
+# ------------------------------------------------------------------ declarations
+@dataclass(frozen=True)
+class Need:
+    """Something a metric needs besides the statistics; ``check`` gives the reason it is
+    missing for a layer, or None."""
+
+    name: str
+    check: Callable[[LayerContext], str | None]
+
+
+def _always(ctx: LayerContext) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: what it is, what it needs, when it is shown, and how it is computed."""
+
+    name: str
+    family: str
+    formula: str
+    kernel: Kernel
+    higher_is_better: bool = False
+    #: part of the default selection; off for metrics that cost O(d³) per layer
+    default: bool = True
+    needs: tuple[Need, ...] = ()
+    requires: Callable[[LayerContext], str | None] | None = None
+    shown_by_default: Predicate = _always
+
+    @property
+    def needs_classifier(self) -> bool:
+        return CLASSIFIER in self.needs
+
+    @property
+    def needs_pass(self) -> bool:
+        return PASS in self.needs
+
+    @property
+    def needs_chain(self) -> bool:
+        return CHAIN in self.needs
+
+    def unmet(self, ctx: LayerContext) -> str | None:
+        """The reason this metric has no value for ``ctx`` before its kernel runs, or None."""
+        for need in self.needs:
+            reason = need.check(ctx)
+            if reason is not None:
+                return reason
+        return self.requires(ctx) if self.requires is not None else None
+
+
+class Registry(dict[str, Metric]):
+    """``{name: Metric}`` in display order."""
+
+    def declare(self, metric: Metric) -> Metric:
+        if metric.name in self:
+            raise ValueError(f"metric {metric.name!r} is declared twice")
+        self[metric.name] = metric
+        return metric
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """Family names in order of first appearance."""
+        return tuple(dict.fromkeys(m.family for m in self.values()))
+
+    @contextlib.contextmanager
+    def declared(self, *metrics: Metric) -> Iterator[Registry]:
+        """Declare ``metrics`` for the duration of a ``with`` block (tests, plug-ins)."""
+        for m in metrics:
+            self.declare(m)
+        try:
+            yield self
+        finally:
+            for m in metrics:
+                self.pop(m.name, None)
+
+
+def evaluate(
+    ctx: LayerContext, names: Iterable[str], registry: Registry | None = None
+) -> MetricSet:
+    """The rows of one layer for the metrics ``names``, in that order (unknown names are
+    skipped): left out, ``nan`` with a reason, or a value — the rule in the module docstring."""
+    reg = METRICS if registry is None else registry
+    out = MetricSet()
+    for name in names:
+        metric = reg.get(name)
+        if metric is None:
+            continue
+        if not ctx.explicit and not metric.shown_by_default(ctx):
+            continue
+        reason = metric.unmet(ctx)
+        if reason is not None:
+            out.undefined(name, reason)
+        else:
+            out.put(name, lambda m=metric: m.kernel(ctx))
+    return out
+
+
+# ------------------------------------------------------------------ compute groups
+def feature_pass(ctx: LayerContext) -> dict[str, float]:
+    """``nc4``, ``acc``, ``ncc_acc`` from one chunked pass over the layer's features.
+
+    Without a classifier the pass runs with a zero one: ``ncc_acc`` needs none."""
+
+    def run() -> dict[str, float]:
+        if ctx.batches is None:
+            raise Undefined("the features are not available for a second pass")
+        st = ctx.stats
+        if ctx.weight is None:
+            return nc4_pass(ctx.batches(), st, np.zeros((st.num_classes, st.dim)))
+        return nc4_pass(ctx.batches(), st, ctx.weight, ctx.bias)
+
+    return ctx.shared("nc4_pass", run)
+
+
+def mse_terms(ctx: LayerContext) -> mse_mod.MSEDecomposition:
+    """One MSE decomposition of the layer's classifier (``λ`` = ``--wd-classifier`` or 0);
+    the bias-free variant when the classifier has no bias."""
+    bias_free = bool(ctx.bias_free)
+    return ctx.shared(
+        "mse_decomposition",
+        lambda: mse_mod.mse_decomposition(
+            ctx.stats,
+            ctx.weight,
+            None if bias_free else ctx.bias,
+            ctx.wd_classifier or 0.0,
+            bias=not bias_free,
+        ),
+    )
+
+
+def mean_vectors(ctx: LayerContext) -> nc.Vectors:
+    """The centred class means with their Gram (the statistics' ``centred_gram``)."""
+    st, center = ctx.stats, ctx.center
+    return ctx.shared(
+        "mean_vectors",
+        lambda: st.memo(
+            ("vectors", center),
+            lambda: nc.Vectors(
+                nc.centred_means(st, center), "centred class mean", nc.centred_gram(st, center)
+            ),
+        ),
+    )
+
+
+def classifier_rows(ctx: LayerContext) -> nc.Vectors:
+    """The classifier rows ``w_k``: one Gram matrix for the four classifier NC2 metrics."""
+    return ctx.shared("classifier_rows", lambda: nc.Vectors(_W(ctx), "classifier row"))
+
+
+def _W(ctx: LayerContext) -> np.ndarray:
+    checked = ctx.classifier()
+    assert checked is not None  # guarded by CLASSIFIER
+    return checked[0]
+
+
+def _means(ctx: LayerContext) -> np.ndarray:
+    return nc.centred_means(ctx.stats, ctx.center)
+
+
+# ------------------------------------------------------------------ needs and display rules
+CLASSIFIER = Need("a classifier", lambda c: None if c.has_classifier else NO_CLASSIFIER)
+CHAIN = Need(
+    "the linear head chain",
+    lambda c: None if c.position is not None else "the layer is not part of a linear head",
+)
+
+
+def _pass_reason(ctx: LayerContext) -> str | None:
+    try:
+        feature_pass(ctx)
+    except Undefined as exc:
+        return str(exc)
+    return None
+
+
+PASS = Need("a second pass over the features", _pass_reason)
+
+
+def _has_layer_below(ctx: LayerContext) -> str | None:
+    if ctx.position == 0:
+        return "no linear layer below this one (balancedness compares W_l and W_(l+1) around it)"
+    return None
+
+
+def _above_chain_bottom(ctx: LayerContext) -> bool:
+    """``balancedness_l`` by default: layers of the linear head with one below (l ≥ 1)."""
+    return ctx.position is not None and ctx.position >= 1
+
+
+def _minority_shown(ctx: LayerContext) -> bool:
+    """``minority_collapse`` by default: with a classifier, not for MSE, at least two
+    minority classes and, unless ``--loss ce`` was given, clearly imbalanced data
+    (``max/min n_k ≥`` :data:`MINORITY_IMBALANCE`, or an empty class)."""
+    counts = ctx.stats.counts
+    if not ctx.has_classifier or ctx.loss == "mse" or geo.minority_classes(counts).size < 2:
+        return False
+    if ctx.loss == "ce":
+        return True
+    c = np.asarray(counts, dtype=np.float64)
+    return bool(c.min() > 0 and c.max() / c.min() >= MINORITY_IMBALANCE) or bool(c.min() == 0)
+
+
+def _mse_loss_given(ctx: LayerContext) -> bool:
+    """``mse_*`` by default: layers with a classifier when ``--loss mse`` is given."""
+    return ctx.has_classifier and ctx.loss == "mse"
+
+
+#: every metric nccli reports, in display order (the sections of docs/metrics.md)
+METRICS = Registry()
+_d, M = METRICS.declare, Metric
+
+# fmt: off
+# NC1: within-class variability
+_d(M("nc1", "nc1", "(1/K) Tr(Σ_W Σ_B⁺)", lambda c: nc.nc1(c.stats, c.center, c.rtol)))
+_d(M("nc1_trace", "nc1", "Tr(Σ_W) / Tr(Σ_B)", lambda c: nc.nc1_trace(c.stats, c.center)))
+_d(M("cdnv", "nc1", "mean_{k<l} (σ_k²+σ_l²) / (2||μ_k-μ_l||²)", lambda c: nc.cdnv(c.stats)))
+# NC2: simplex ETF of the centred means (mean_vectors), of the classifier rows (classifier_rows)
+_d(M("nc2_equinorm_means", "nc2", "std ||μ_k-μ_G|| / mean ||μ_k-μ_G||",
+     lambda c: nc.equinorm(mean_vectors(c))))
+_d(M("nc2_equiangular_means", "nc2", "std_{k≠l} cos(μ_k-μ_G, μ_l-μ_G)",
+     lambda c: nc.equiangular(mean_vectors(c))))
+_d(M("nc2_maxangle_means", "nc2", "mean_{k≠l} |cos + 1/(K-1)|",
+     lambda c: nc.maxangle(mean_vectors(c))))
+_d(M("nc2_etf_dist_means", "nc2", "||G/||G|| - E/||E||||_F (centred means)",
+     lambda c: nc.etf_dist(mean_vectors(c))))
+_d(M("nc2_equinorm_classifier", "nc2", "std ||w_k|| / mean ||w_k||",
+     lambda c: nc.equinorm(classifier_rows(c)), needs=(CLASSIFIER,)))
+_d(M("nc2_equiangular_classifier", "nc2", "std_{k≠l} cos(w_k, w_l)",
+     lambda c: nc.equiangular(classifier_rows(c)), needs=(CLASSIFIER,)))
+_d(M("nc2_maxangle_classifier", "nc2", "mean_{k≠l} |cos + 1/(K-1)|",
+     lambda c: nc.maxangle(classifier_rows(c)), needs=(CLASSIFIER,)))
+_d(M("nc2_etf_dist_classifier", "nc2", "||G/||G|| - E/||E||||_F (W rows)",
+     lambda c: nc.etf_dist(classifier_rows(c)), needs=(CLASSIFIER,)))
+# NC3: self-duality
+_d(M("nc3", "nc3", "||Wᵀ/||W|| - M/||M||||_F²",
+     lambda c: nc.nc3(_W(c), _means(c)), needs=(CLASSIFIER,)))
+_d(M("nc3_cos", "nc3", "mean_k cos(w_k, μ_k-μ_G)",
+     lambda c: nc.nc3_cos(_W(c), _means(c)), higher_is_better=True, needs=(CLASSIFIER,)))
+# NC4: the three come from one second pass over the features (feature_pass); the pass runs
+# without a classifier too (for ncc_acc), so its failure is the reason before "no classifier"
+_d(M("nc4", "nc4", "P[argmax(Wh+b) ≠ argmin_k ||h-μ_k||]",
+     lambda c: feature_pass(c)["nc4"], needs=(PASS, CLASSIFIER)))
+_d(M("acc", "nc4", "P[argmax(Wh+b) = y]",
+     lambda c: feature_pass(c)["acc"], higher_is_better=True, needs=(PASS, CLASSIFIER)))
+_d(M("ncc_acc", "nc4", "P[argmin_k ||h-μ_k|| = y]",
+     lambda c: feature_pass(c)["ncc_acc"], higher_is_better=True, needs=(PASS,)))
+# orthogonal frame and minority collapse
+_d(M("of_maxcos_means", "geometry", "max_{k≠l} |cos(μ_k, μ_l)| (uncentred means)",
+     lambda c: geo.of_maxcos_means(c.stats)))
+_d(M("of_maxcos_classifier", "geometry", "max_{k≠l} |cos(w_k, w_l)|",
+     lambda c: geo.of_maxcos_classifier(c.weight), needs=(CLASSIFIER,)))
+_d(M("minority_collapse", "geometry", "mean_{k<l minority} cos(w_k, w_l)",
+     lambda c: geo.minority_collapse(c.weight, c.stats.counts), needs=(CLASSIFIER,),
+     shown_by_default=_minority_shown))
+# deep linear heads
+_d(M("balancedness_l", "deep", "||W_{l+1}ᵀW_{l+1} - W_l W_lᵀ||_F / ||W_l W_lᵀ||_F",
+     lambda c: deep.balancedness(c.chain[c.position - 1].weight, c.layer_weight),
+     needs=(CHAIN,), requires=_has_layer_below, shown_by_default=_above_chain_bottom))
+_d(M("cond_l", "deep", "s_1/s_{K-1} of centred means (s_1/s_K uncentred, bias-free)",
+     lambda c: deep.cond(c.stats, c.center, bool(c.bias_free), c.rtol)))
+_d(M("erank_l", "deep", "exp(entropy of eig(Σ_T)/Tr Σ_T) (Roy & Vetterli)",
+     lambda c: deep.erank(c.stats), default=False))
+# MSE decomposition: the three come from one mse_decomposition (mse_terms)
+_d(M("mse_ls", "mse", "L(W_LS, b_LS): MSE of the ridge LS classifier",
+     lambda c: mse_terms(c).mse_ls, needs=(CLASSIFIER,), shown_by_default=_mse_loss_given))
+_d(M("mse_dev", "mse", "L(W,b) - L(W_LS,b_LS) = ½ΣΔ_kᵀAΔ_k",
+     lambda c: mse_terms(c).mse_dev, needs=(CLASSIFIER,), shown_by_default=_mse_loss_given))
+_d(M("mse_dev_frac", "mse", "mse_dev / (mse_ls + mse_dev)",
+     lambda c: mse_terms(c).mse_dev_frac, needs=(CLASSIFIER,), shown_by_default=_mse_loss_given))
+# fmt: on
+del _d, M
