@@ -36,9 +36,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
 
 from nccli import analyses
 from nccli.io.sources import Source
@@ -47,7 +44,7 @@ from nccli.metrics import METRICS, MetricSet
 from nccli.metrics import deep_linear as deep
 from nccli.metrics.nc import Undefined
 
-__all__ = ["COLUMNS", "PAPERS", "THRESHOLDS", "render_theory", "theory_report", "theory_rows"]
+__all__ = ["COLUMNS", "PAPERS", "THRESHOLDS", "theory_report", "theory_rows"]
 
 COLUMNS = ["source", "paper", "claim", "measured", "expected", "verdict"]
 
@@ -520,36 +517,3 @@ def theory_report(
     df = pd.DataFrame(rows, columns=COLUMNS)
     df.attrs["notes"] = []
     return df
-
-
-_STYLE = {
-    "holds": "green",
-    "agrees": "green",
-    "consistent": "bold green",
-    "fails": "red",
-    "disagrees": "red",
-    "inconsistent": "bold red",
-    "unknown": "yellow",
-    "undetermined": "bold yellow",
-    "not applicable": "dim",
-    "info": "dim",
-}
-
-
-def render_theory(df: pd.DataFrame, console: Console) -> None:
-    """One panel per source, a section per paper: claim, measured, expected, verdict."""
-    if df.empty:
-        console.print("[dim]no rows[/dim]")
-        return
-    for source, part in df.groupby("source", sort=False):
-        table = Table(header_style="bold", show_lines=False, expand=False)
-        for col in ("claim", "measured", "expected", "verdict"):
-            table.add_column(col, overflow="fold")
-        for paper, rows in part.groupby("paper", sort=False):
-            table.add_section()
-            table.add_row(f"[bold cyan]{paper}[/bold cyan]", "", "", "")
-            for _, r in rows.iterrows():
-                style = _STYLE.get(r["verdict"], "dim" if "not predicted" in r["verdict"] else "")
-                verdict = f"[{style}]{r['verdict']}[/]" if style else r["verdict"]
-                table.add_row("  " + r["claim"], r["measured"], r["expected"], verdict)
-        console.print(Panel(table, title=f"theory check · {source}", title_align="left"))

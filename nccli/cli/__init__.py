@@ -1,0 +1,63 @@
+"""The ``nccli`` command line: thin Typer commands over the library.
+
+Each command parses its options, calls one library function and hands the result to
+:mod:`nccli.report`.  Data goes to stdout; progress, notes and errors to stderr.  A user
+error (:class:`~nccli.errors.NCError`) becomes one stderr line and exit code 1 (bad data)
+or 2 (bad usage); ``--debug`` shows the traceback instead.
+
+- :mod:`~nccli.cli.core` — the app, ``--debug`` / ``--quiet`` / ``--version``, errors;
+- :mod:`~nccli.cli.options` — every argument and option, as ``Annotated`` types;
+- :mod:`~nccli.cli.analyse` — ``measure``, ``compare``;
+- :mod:`~nccli.cli.extract` — ``extract``, ``info``;
+- :mod:`~nccli.cli.utils` — ``metrics``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+# the command modules register their commands on the app, in --help order
+from nccli.cli import analyse, extract, utils  # noqa: F401
+from nccli.cli.core import STATE, app, user_errors
+
+__all__ = ["STATE", "app", "main", "user_errors"]
+
+
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """click's ``ClickException`` (the base of ``typer.BadParameter``, wherever typer gets
+    click from) and ``typer.Abort``."""
+    base = next(
+        (c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+        typer.BadParameter,
+    )
+    return base, typer.Abort
+
+
+def main() -> None:
+    """Console-script entry point.
+
+    A command-line mistake click catches (missing or unknown option, bad value) is one
+    stderr line and exit 2, like the errors of the commands themselves.
+    """
+    ClickException, Abort = _click_exceptions()
+    try:
+        code = app(standalone_mode=False)
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `nccli`: the help, exit 2
+            exc.show()
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+        msg = " ".join(exc.format_message().split()).rstrip(".")
+        typer.echo(f"nccli: error: {msg}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except Abort:
+        typer.echo("nccli: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,162 @@
+"""The "Analyse" commands: ``measure`` and ``compare``."""
+
+from __future__ import annotations
+
+import typer
+
+from nccli.analyses import ReportKind
+from nccli.cli.core import STATE, app, split_list, user_errors
+from nccli.cli.options import (
+    AcrossOpt,
+    BaselineOpt,
+    ByOpt,
+    CenterOpt,
+    ChunkRowsOpt,
+    CompareMetricsOpt,
+    ComparePathsArg,
+    FailIfLastOpt,
+    FailIfOpt,
+    FormatOpt,
+    GeometryOpt,
+    HeadDepthOpt,
+    LayerOpt,
+    LossOpt,
+    MeasureMetricsOpt,
+    MeasurePathsArg,
+    MeasureSkipNonfiniteOpt,
+    NumClassesOpt,
+    OutOpt,
+    PerClassOpt,
+    PlotOpt,
+    RecomputeOpt,
+    ReportOpt,
+    RunFromOpt,
+    WdClassifierOpt,
+    WdFeaturesOpt,
+    WideOpt,
+)
+from nccli.compare import Across, RunFrom
+from nccli.compare import compare as run_compare
+from nccli.measure import measure as run_measure
+from nccli.report.compare_table import render_compare, violation_lines
+from nccli.report.console import print_notes, status_spinner, stderr_console
+from nccli.report.output import emit
+from nccli.report.plot import check_plot_path, plot_compare
+from nccli.report.theory_table import render_theory
+from nccli.theory import theory_report
+
+
+@app.command(rich_help_panel="Analyse")
+def measure(
+    paths: MeasurePathsArg,
+    layer: LayerOpt = None,
+    metrics: MeasureMetricsOpt = None,
+    per_class: PerClassOpt = False,
+    center: CenterOpt = "global",
+    recompute: RecomputeOpt = False,
+    num_classes: NumClassesOpt = None,
+    chunk_rows: ChunkRowsOpt = 8192,
+    fmt: FormatOpt = None,
+    as_wide: WideOpt = False,
+    output: OutOpt = None,
+    loss: LossOpt = None,
+    wd_features: WdFeaturesOpt = None,
+    wd_classifier: WdClassifierOpt = None,
+    head_depth: HeadDepthOpt = None,
+    geometry: GeometryOpt = False,
+    skip_nonfinite: MeasureSkipNonfiniteOpt = False,
+    report: ReportOpt = None,
+) -> None:
+    """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer."""
+    with user_errors():
+        inputs = [str(p) for p in paths]
+        setup = {
+            "loss": None if loss is None else loss.value,
+            "wd_features": wd_features,
+            "wd_classifier": wd_classifier,
+            "head_depth": head_depth,
+        }
+        common = {
+            "center": center,
+            "recompute": recompute,
+            "num_classes": num_classes,
+            "chunk_rows": chunk_rows,
+            **setup,
+        }
+        if report is ReportKind.theory:
+            df = theory_report(inputs, **common)
+            emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
+            return
+        df = run_measure(
+            inputs,
+            layers=split_list(layer) or None,
+            metrics=metrics,
+            per_class=per_class,
+            geometry=geometry,
+            skip_nonfinite=skip_nonfinite,
+            **common,
+        )
+        emit(df, fmt, as_wide=as_wide, output=output)
+        print_notes(df.attrs.get("notes", []), STATE.quiet)
+
+
+@app.command(rich_help_panel="Analyse")
+def compare(
+    paths: ComparePathsArg,
+    across: AcrossOpt = Across.epochs,
+    by: ByOpt = None,
+    layer: LayerOpt = None,
+    metrics: CompareMetricsOpt = None,
+    run_from: RunFromOpt = RunFrom.auto,
+    baseline: BaselineOpt = None,
+    fail_if: FailIfOpt = None,
+    fail_if_last: FailIfLastOpt = False,
+    plot: PlotOpt = None,
+    center: CenterOpt = "global",
+    num_classes: NumClassesOpt = None,
+    fmt: FormatOpt = None,
+    as_wide: WideOpt = False,
+    output: OutOpt = None,
+) -> None:
+    """Compare NC metrics across checkpoints, layers or runs; gate a pipeline with --fail-if.
+
+    Rows are tidy like [b]measure[/b] (source,epoch,layer,metric,value), plus a [b]run[/b] column when there are several runs (or --by run / --across runs) and [b]step[/b] when checkpoints record one. The table shows, per metric, a log-scale sparkline trend and first→last.
+
+    With --by run the deltas are extra rows whose metric is [b]delta_<metric>[/b] = this run − baseline at the same epoch and layer (--wide makes them columns).
+
+    --fail-if checks every row of its metric (all checkpoints and selected layers; nan rows are skipped with a note; --fail-if-last: last checkpoint of each run only). The data is still written, then each crossing row is named on stderr and the exit code is 1. A malformed threshold or unknown metric exits 2.
+    """
+    with user_errors():
+        if plot is not None:
+            check_plot_path(plot)
+        with status_spinner(not STATE.quiet) as progress:
+            result = run_compare(
+                [str(p) for p in paths],
+                across=across,
+                by=by,
+                layers=split_list(layer) or None,
+                metrics=metrics,
+                run_of=run_from,
+                baseline=baseline,
+                fail_if=fail_if or (),
+                fail_if_last=fail_if_last,
+                center=center,
+                num_classes=num_classes,
+                progress=progress,
+            )
+        data = result.wide() if as_wide else result.data
+        emit(
+            data,
+            fmt,
+            as_wide=False,
+            output=output,
+            render_table=lambda _df, console: render_compare(result, console),
+        )
+        print_notes(result.notes, STATE.quiet)
+        if plot is not None:
+            plot_compare(result, plot)
+            if not STATE.quiet:
+                stderr_console().print(f"wrote {plot}")
+        for line in violation_lines(result):
+            typer.echo(line, err=True)
+        result.check(name_first=False)

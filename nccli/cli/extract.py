@@ -1,0 +1,151 @@
+"""The "Extract" commands: ``extract`` and ``info``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import typer
+
+from nccli.cli.core import STATE, app, user_errors
+from nccli.cli.options import (
+    AmpOpt,
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointsArg,
+    DataOpt,
+    DeepOpt,
+    DeviceOpt,
+    DistBackendOpt,
+    DistTimeoutOpt,
+    DtypeOpt,
+    ExtractSkipNonfiniteOpt,
+    InfoPathArg,
+    JsonOpt,
+    LayersOpt,
+    LimitOpt,
+    ModelOpt,
+    NormalizeOpt,
+    NumWorkersOpt,
+    OutDirOpt,
+    OverwriteOpt,
+    ProbeDataOpt,
+    ResumeOpt,
+    SplitOpt,
+    TrustOpt,
+    VerifyOpt,
+)
+from nccli.errors import DataError
+from nccli.extract import describe_cache, describe_checkpoint
+from nccli.extract import extract as run_extract
+from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
+from nccli.io.cache import is_cache, verify_cache
+from nccli.report.console import stdout_console
+from nccli.report.listing import info_json, render_info
+
+
+def _command_line() -> str:
+    return shlex.join(["nccli", *sys.argv[1:]])
+
+
+@app.command(rich_help_panel="Extract")
+def extract(
+    checkpoints: CheckpointsArg,
+    data: DataOpt,
+    out_dir: OutDirOpt,
+    arch: ArchOpt = None,
+    model: ModelOpt = None,
+    layers: LayersOpt = "auto",
+    device: DeviceOpt = Device.auto,
+    amp: AmpOpt = Amp.off,
+    batch_size: BatchSizeOpt = 256,
+    dtype: DtypeOpt = FeatureDtype.float32,
+    split: SplitOpt = "train",
+    limit: LimitOpt = None,
+    normalize: NormalizeOpt = None,
+    num_workers: NumWorkersOpt = 0,
+    trust_checkpoint: TrustOpt = False,
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    dist_backend: DistBackendOpt = DistBackend.auto,
+    dist_timeout: DistTimeoutOpt = 30.0,
+    skip_nonfinite: ExtractSkipNonfiniteOpt = False,
+) -> None:
+    """Run checkpoints over a dataset; cache features, logits and statistics (HDF5).
+
+    Prints the cache paths on stdout; progress and notes go to stderr.  Under
+    `torchrun --nproc-per-node G -m nccli extract ...` each rank writes a disjoint shard
+    <stem>.rank<r>.h5; measure reads the shard set as one cache.
+    """
+    with user_errors():
+        paths = run_extract(
+            [str(p) for p in checkpoints],
+            data,
+            arch=arch,
+            model=model,
+            out_dir=out_dir,
+            layers=layers,
+            device=device.value,
+            amp=amp.value,
+            batch_size=batch_size,
+            feature_dtype=dtype.value,
+            split=split,
+            limit=limit,
+            normalize=normalize,
+            trust_checkpoint=trust_checkpoint,
+            resume=resume,
+            overwrite=overwrite,
+            num_workers=num_workers,
+            progress=not STATE.quiet,
+            command=_command_line(),
+            dist_backend=dist_backend.value,
+            dist_timeout=dist_timeout,
+            skip_nonfinite=skip_nonfinite,
+        )
+        for p in paths:
+            typer.echo(str(p))
+
+
+@app.command(rich_help_panel="Extract")
+def info(
+    path: InfoPathArg,
+    arch: ArchOpt = None,
+    model: ModelOpt = None,
+    data: ProbeDataOpt = None,
+    split: SplitOpt = "train",
+    normalize: NormalizeOpt = None,
+    layers: LayersOpt = "auto",
+    trust_checkpoint: TrustOpt = False,
+    as_json: JsonOpt = False,
+    verify: VerifyOpt = False,
+    deep: DeepOpt = False,
+) -> None:
+    """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint."""
+    with user_errors():
+        if not path.exists():
+            raise DataError(f"{path}: no such file")
+        if verify or deep:
+            for line in verify_cache(path, deep=deep):
+                typer.echo(f"{path}: {line}")
+            return
+        if path.name.endswith(".partial") or is_cache(path):
+            desc = describe_cache(path)
+            head = dict(desc["attrs"])
+            if not desc["complete"]:
+                head = {"status": "unfinished (extract --resume continues it)", **head}
+        else:
+            desc = describe_checkpoint(
+                path,
+                arch=arch,
+                model=model,
+                data=data,
+                split=split,
+                normalize=normalize,
+                layers=layers,
+                trust_checkpoint=trust_checkpoint,
+            )
+            head = {k: v for k, v in desc.items() if k != "layers"}
+        if as_json:
+            typer.echo(info_json(desc))
+            return
+        render_info(path, head, desc["layers"], stdout_console())

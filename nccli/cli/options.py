@@ -1,0 +1,367 @@
+"""The commands' arguments and options, as ``Annotated`` types (one definition each).
+
+A command's signature is then one line per option, ``name: SomeOpt = default``.  The
+choice enums are the library's own (:mod:`nccli.extract.devices`, :mod:`nccli.analyses`,
+:mod:`nccli.compare`, :mod:`nccli.report`), so the command line and the Python API accept
+the same values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from nccli._version import __version__
+from nccli.analyses import Loss, ReportKind
+from nccli.compare import Across, By, RunFrom
+from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
+from nccli.report import OutputFormat
+
+SETUP_PANEL = "Training setup"
+DIST_PANEL = "Distributed (torchrun)"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nccli {__version__}")
+        raise typer.Exit()
+
+
+# ------------------------------------------------------------------------ root
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+VersionOpt = Annotated[
+    bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+]
+
+# ---------------------------------------------------------------- data output
+FormatOpt = Annotated[
+    OutputFormat | None,
+    typer.Option(
+        "--format",
+        "-f",
+        help="table | csv | tsv | json (default: table on a terminal, csv when piped).",
+    ),
+]
+WideOpt = Annotated[
+    bool, typer.Option("--wide", help="One column per metric instead of tidy rows.")
+]
+OutOpt = Annotated[
+    Path | None, typer.Option("--output", "-o", help="Write data here instead of stdout.")
+]
+
+# ------------------------------------------------- shared by measure and compare
+LayerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layer",
+        "-l",
+        help="Layer name, glob, or role (penultimate, linear, classifier, head); repeatable or comma-separated.",
+    ),
+]
+CenterOpt = Annotated[
+    str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
+]
+NumClassesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-classes",
+        "-k",
+        help="K for feature files without a classifier (default: max label + 1).",
+    ),
+]
+
+# --------------------------------------------------------------------- measure
+MeasurePathsArg = Annotated[
+    list[Path],
+    typer.Argument(help="nccli caches, shard sets, directories, or .npz/.h5 feature files."),
+]
+MeasureMetricsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        "-m",
+        help="Comma-separated metric names or families nc1..nc4, geometry, deep, mse "
+        "(default: all that apply to each layer).",
+    ),
+]
+PerClassOpt = Annotated[
+    bool,
+    typer.Option("--per-class", help="Add per-class rows: n_k, σ_k², ||μ_k||, ||w_k||, cosines."),
+]
+RecomputeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--recompute",
+        help="Stream the cached features again instead of using stored statistics.",
+    ),
+]
+ChunkRowsOpt = Annotated[
+    int, typer.Option("--chunk-rows", help="Rows per chunk for streaming passes.", min=1)
+]
+LossOpt = Annotated[
+    Loss | None,
+    typer.Option(
+        "--loss",
+        help="Training loss of the run (ce | mse): selects the theory that applies; "
+        "mse adds the mse_* decomposition rows.",
+        rich_help_panel=SETUP_PANEL,
+    ),
+]
+WdFeaturesOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--wd-features",
+        help="Feature weight decay λ_H of the run (unconstrained-feature model).",
+        rich_help_panel=SETUP_PANEL,
+        min=0.0,
+    ),
+]
+WdClassifierOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--wd-classifier",
+        help="Classifier weight decay λ_W of the run (also the ridge λ of mse_*).",
+        rich_help_panel=SETUP_PANEL,
+        min=0.0,
+    ),
+]
+HeadDepthOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--head-depth",
+        help="Linear layers in the head incl. the classifier (default: the cached chain).",
+        rich_help_panel=SETUP_PANEL,
+        min=1,
+    ),
+]
+GeometryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--geometry",
+        help="Add the cosine matrices of centred means and classifier rows "
+        "(heatmaps in a table; rows with class, class2 in CSV/JSON).",
+    ),
+]
+MeasureSkipNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-nonfinite",
+        help="Drop feature-file rows with NaN/Inf (counted per class in a note) instead "
+        "of failing.",
+    ),
+]
+ReportOpt = Annotated[
+    ReportKind | None,
+    typer.Option(
+        "--report",
+        help="theory: each seed paper's hypotheses and predictions checked on the input.",
+    ),
+]
+
+# --------------------------------------------------------------------- compare
+ComparePathsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Caches / feature files of several checkpoints (any order), or directories."
+    ),
+]
+AcrossOpt = Annotated[
+    Across,
+    typer.Option(
+        "--across",
+        "-a",
+        help="[b]epochs[/b]: a row per checkpoint, sorted by epoch; [b]layers[/b]: a row "
+        "per layer in depth order; [b]runs[/b]: each run's last checkpoint.",
+    ),
+]
+ByOpt = Annotated[
+    By | None,
+    typer.Option(
+        "--by",
+        help="[b]run[/b]: runs side by side, aligned on epoch, with delta_<metric> rows "
+        "(run − baseline).",
+    ),
+]
+CompareMetricsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        "-m",
+        help="Comma-separated metric names or families (default nc1,nc2_etf_dist_means,nc3,nc4; 'all').",
+    ),
+]
+RunFromOpt = Annotated[
+    RunFrom,
+    typer.Option(
+        "--run-from",
+        help="Run names: auto = cache 'run' attribute, else directory when inputs span "
+        "several, else file name minus epoch; dir; stem.",
+    ),
+]
+BaselineOpt = Annotated[
+    str | None,
+    typer.Option("--baseline", help="Reference run for --by run deltas (default: first run)."),
+]
+FailIfOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-if",
+        help="Exit 1 if any row crosses METRIC OP NUMBER, e.g. 'nc1>0.05' (OP: > >= < <= ==); "
+        "checks every checkpoint and layer; repeatable.",
+    ),
+]
+FailIfLastOpt = Annotated[
+    bool,
+    typer.Option("--fail-if-last", help="Check --fail-if on each run's last checkpoint only."),
+]
+PlotOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw metrics vs epoch (log scales) to this .png/.pdf/.svg (needs nccli\\[plot]).",
+    ),
+]
+
+# ------------------------------------------------------- shared by extract and info
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="Built-in architecture, e.g. 'resnet18:num_classes=10' or "
+        "'mlp:in_dim=784,widths=256-256,num_classes=10,head_depth=2'.",
+    ),
+]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Import string 'pkg.module:factory' returning the nn.Module."),
+]
+LayersOpt = Annotated[
+    str,
+    typer.Option(
+        "--layers",
+        help="'auto' (penultimate feature + deep linear head + classifier) or module names / "
+        "globs, comma-separated ('layer4,head.*'; add 'auto' to keep the head too).",
+    ),
+]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        help="Allow full unpickling of the checkpoint (can execute code: trusted files only).",
+    ),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train, test, ...")]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="Input normalisation: 'mean=a,b,c;std=d,e,f', a preset (cifar10, cifar100, "
+        "mnist, imagenet) or 'auto'.",
+    ),
+]
+
+# --------------------------------------------------------------------- extract
+CheckpointsArg = Annotated[
+    list[Path],
+    typer.Argument(
+        help="Checkpoints: state dicts (.pt/.pth/.bin), safetensors, TorchScript, "
+        "torch.export .pt2."
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        "-d",
+        help="Dataset: data.npz, x.npy,y.npy, file.h5:/x,/y, a CIFAR/MNIST/image-folder "
+        "directory, or pkg.module:factory.",
+    ),
+]
+OutDirOpt = Annotated[
+    Path, typer.Option("--out", "-o", help="Directory for the caches (<checkpoint stem>.h5).")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda, then mps, then cpu.")]
+AmpOpt = Annotated[Amp, typer.Option("--amp", help="Autocast the forward pass (CUDA only).")]
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")
+]
+DtypeOpt = Annotated[
+    FeatureDtype,
+    typer.Option("--dtype", help="Storage dtype of cached features; statistics are float64."),
+]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option("--limit", min=1, help="Use this many samples, evenly spaced."),
+]
+NumWorkersOpt = Annotated[
+    int,
+    typer.Option(
+        "--num-workers",
+        min=0,
+        help="Load batches in a background thread, 2×N batches ahead (0: inline).",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option("--resume", help="Continue an interrupted extraction from its .partial file."),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Redo caches that are already finished.")
+]
+DistBackendOpt = Annotated[
+    DistBackend,
+    typer.Option(
+        "--dist-backend",
+        help="Under torchrun: process-group backend (auto = nccl on CUDA, gloo on CPU).",
+        rich_help_panel=DIST_PANEL,
+    ),
+]
+DistTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--dist-timeout",
+        min=0.1,
+        help="Under torchrun: minutes a rank waits for the others before failing.",
+        rich_help_panel=DIST_PANEL,
+    ),
+]
+ExtractSkipNonfiniteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--skip-nonfinite",
+        help="Drop samples with NaN/Inf features or logits in any layer from every layer "
+        "(counted per class: a note and the skipped_nonfinite attribute) instead of "
+        "failing.",
+    ),
+]
+
+# ------------------------------------------------------------------------ info
+InfoPathArg = Annotated[
+    Path, typer.Argument(help="An nccli cache (.h5 / .partial) or a checkpoint.")
+]
+ProbeDataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", "-d", help="Dataset for the probe batch (else the model's input shape)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+VerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Check a cache: statistics checksums, shapes, label range, class counts = "
+        "label histogram; exit 1 naming the corrupt layer.",
+    ),
+]
+DeepOpt = Annotated[
+    bool,
+    typer.Option(
+        "--deep",
+        help="With --verify: also recompute each layer's statistics from its features "
+        "(must agree to 1e-8).",
+    ),
+]

@@ -1,0 +1,454 @@
+"""``compare``: many checkpoints → one trajectory of Neural Collapse metrics.
+
+The Python API behind ``nccli compare``.  Every input is measured with
+:func:`nccli.measure.measure_sources` and the rows are arranged for comparison:
+
+``across="epochs"`` (default)
+    every checkpoint, ordered by epoch (then step, then file name) within each run
+    (:mod:`nccli.report.compare_table` draws a table per (run, layer), a row per checkpoint).
+``across="layers"``
+    every layer of each checkpoint in depth order (NC through the network).
+``across="runs"``
+    the *last* checkpoint (highest epoch, then step) of each run, a row per run.
+``by="run"``
+    runs side by side, aligned on epoch, with delta rows: metric ``delta_<m>`` of run R at
+    epoch e is ``m(R, e) − m(baseline, e)`` (the baseline is the first run named on the
+    command line unless ``baseline=`` says otherwise).  Deltas only exist where the
+    baseline has the same epoch and layer.
+
+The result (:class:`CompareResult`) holds the tidy rows — columns ``source, epoch, layer,
+metric, value`` as for ``measure``, plus ``run`` when runs matter (several runs, ``by="run"``
+or ``across="runs"``) and ``step`` when any checkpoint records one — and the rows that
+crossed a ``fail_if`` threshold.
+
+Runs.  A checkpoint's run name is, by default (``run_of="auto"``): the cache's ``run``
+attribute; else, when the inputs lie in more than one directory, the parent directory's
+name; else the file stem with its epoch/step part removed (``run1_ep050.h5`` → ``run1``);
+else the parent directory's name.  ``run_of="dir"`` / ``"stem"`` force one rule, and any
+callable ``Source -> str`` may be given.
+
+Thresholds.  ``fail_if=["nc1>0.05"]`` (operators ``> >= < <= ==``; the metric is any name
+of ``nccli metrics`` or ``delta_<name>`` with ``by="run"``) is checked against *every* row
+of that metric — every checkpoint and every selected layer — or only each run's last
+checkpoint with ``fail_if_last=True``.  ``nan`` values never cross a threshold; a note says
+how many were skipped.  Metrics named in thresholds are measured even if not in
+``metrics``.
+
+Modules: this one (the use case and its result), :mod:`~nccli.compare.runs` (run names),
+:mod:`~nccli.compare.thresholds` (``--fail-if``); :mod:`nccli.report.compare_table` and
+:mod:`nccli.report.plot` draw the result.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from nccli.compare.runs import RunFrom, run_names
+from nccli.compare.thresholds import (
+    DELTA_PREFIX,
+    Threshold,
+    Violation,
+    find_violations,
+    parse_threshold,
+)
+from nccli.errors import DataError, ThresholdExceeded, UsageError
+from nccli.io.sources import Source, open_sources
+from nccli.measure import MeasureOptions, measure_sources
+from nccli.metrics import select_metrics
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "DELTA_PREFIX",
+    "Across",
+    "By",
+    "CompareResult",
+    "RunFrom",
+    "Threshold",
+    "Violation",
+    "compare",
+    "parse_threshold",
+    "run_names",
+    "to_wide",
+]
+
+#: metrics compared (and plotted) when ``metrics`` is not given: one headline per family
+DEFAULT_METRICS = ("nc1", "nc2_etf_dist_means", "nc3", "nc4")
+INDEX_COLUMNS = ("source", "run", "epoch", "step", "layer")
+
+
+class Across(str, enum.Enum):
+    """``--across`` choices."""
+
+    epochs = "epochs"
+    layers = "layers"
+    runs = "runs"
+
+
+class By(str, enum.Enum):
+    """``--by`` choices."""
+
+    run = "run"
+
+
+# ---------------------------------------------------------------------- result
+@dataclass
+class CompareResult:
+    """Tidy rows of a comparison, the thresholds and the rows that crossed them."""
+
+    data: pd.DataFrame
+    violations: list[Violation]
+    across: Across
+    by: By | None
+    metrics: list[str]
+    runs: list[str]
+    baseline: str | None = None
+    thresholds: list[Threshold] = field(default_factory=list)
+    checked: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No threshold was crossed."""
+        return not self.violations
+
+    @property
+    def has_runs(self) -> bool:
+        """Whether the ``run`` column is present."""
+        return "run" in self.data.columns
+
+    def wide(self) -> pd.DataFrame:
+        """One row per (source, run, epoch, step, layer), one column per metric."""
+        return to_wide(self.data)
+
+    def check(self, name_first: bool = True) -> None:
+        """Raise :class:`~nccli.errors.ThresholdExceeded` when any row crossed a threshold
+        (the message names the first such row unless ``name_first`` is false)."""
+        if self.violations:
+            crossed = ", ".join(dict.fromkeys(str(v.threshold) for v in self.violations))
+            msg = (
+                f"{len(self.violations)} of {self.checked} checked rows crossed --fail-if "
+                f"({crossed})"
+            )
+            if name_first:
+                msg += f"; first: {self.violations[0].describe(self.has_runs)}"
+            raise ThresholdExceeded(msg)
+
+
+def to_wide(df: pd.DataFrame) -> pd.DataFrame:
+    """Pivot tidy compare rows: index columns kept in order, a column per metric."""
+    idx = [c for c in INDEX_COLUMNS if c in df.columns]
+    metrics = list(dict.fromkeys(df["metric"]))
+    records: dict[tuple, dict[str, Any]] = {}
+    for row in df[[*idx, "metric", "value"]].itertuples(index=False, name=None):
+        key = tuple(None if pd.isna(v) else v for v in row[: len(idx)])
+        rec = records.setdefault(key, dict(zip(idx, key, strict=True)))
+        rec[row[len(idx)]] = row[len(idx) + 1]
+    out = pd.DataFrame(list(records.values()), columns=[*idx, *metrics])
+    for c in ("epoch", "step"):
+        if c in out.columns:
+            out[c] = out[c].astype("Int64")
+    for m in metrics:
+        out[m] = out[m].astype(float)
+    return out
+
+
+# --------------------------------------------------------------------- compare
+@dataclass
+class _Ckpt:
+    source: Source
+    run: str
+    arg: int  # position among the inputs
+
+    @property
+    def label(self) -> str:
+        return self.source.label
+
+    def sort_key(self) -> tuple:
+        e, s = self.source.epoch, self.source.step
+        return (e is None, e or 0, s is None, s or 0, self.label, self.arg)
+
+
+def _as_list(x: str | Sequence[str] | None) -> list[str]:
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [p.strip() for p in x.split(",") if p.strip()]
+    return [p.strip() for item in x for p in str(item).split(",") if p.strip()]
+
+
+def compare(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    across: str | Across = "epochs",
+    by: str | By | None = None,
+    layers: Sequence[str] | str | None = None,
+    metrics: Sequence[str] | str | None = None,
+    run_of: str | RunFrom | Callable[[Source], str] = "auto",
+    baseline: str | None = None,
+    fail_if: Iterable[str | Threshold] = (),
+    fail_if_last: bool = False,
+    center: str = "global",
+    num_classes: int | None = None,
+    recompute: bool = False,
+    chunk_rows: int = 8192,
+    progress: Callable[[str], None] | None = None,
+) -> CompareResult:
+    """Measure several checkpoints and arrange the rows for comparison.
+
+    >>> res = compare(["runs/a", "runs/b"], by="run", fail_if=["nc1>0.05"])  # doctest: +SKIP
+    >>> res.wide()                                                            # doctest: +SKIP
+    >>> res.check()    # raises ThresholdExceeded naming the first offending row
+
+    ``metrics`` defaults to :data:`DEFAULT_METRICS` (``nc1, nc2_etf_dist_means, nc3, nc4``);
+    ``"all"`` or families (``nc2``) work as in :func:`nccli.measure.measure`.
+    """
+    across, by = _check_modes(across, by, baseline, center)
+    thresholds, names = _plan_metrics(metrics, fail_if, by)
+    layer_list = _as_list(layers) or None
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise UsageError("compare needs at least one cache, features file or directory")
+
+    notes: list[str] = []
+    sources = open_sources(list(paths), num_classes=num_classes)
+    try:
+        ckpts, runs, baseline = _order(sources, run_of, by, baseline, across)
+        opts = MeasureOptions(
+            layers=layer_list,
+            metrics=names,
+            center=center,
+            recompute=recompute,
+            chunk_rows=chunk_rows,
+            num_classes=num_classes,
+        )
+        frames = _measure_all(ckpts, runs, opts, progress)
+        notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
+    finally:
+        for s in sources:
+            s.close()
+
+    data = _arrange(frames, names, by, baseline, notes)
+    violations, checked = find_violations(data, thresholds, fail_if_last, notes)
+    out = _public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
+    out.attrs["notes"] = list(notes)
+    out.attrs["center"] = center
+    return CompareResult(
+        data=out,
+        violations=violations,
+        across=across,
+        by=by,
+        metrics=names,
+        runs=runs,
+        baseline=baseline,
+        thresholds=thresholds,
+        checked=checked,
+        notes=notes,
+    )
+
+
+def _check_modes(
+    across: str | Across, by: str | By | None, baseline: str | None, center: str
+) -> tuple[Across, By | None]:
+    """Validate ``across``, ``by``, ``baseline`` and ``center`` together."""
+    try:
+        across = Across(across)
+    except ValueError:
+        raise UsageError(f"--across must be epochs, layers or runs, got {across!r}") from None
+    try:
+        by = None if by is None else By(by)
+    except ValueError:
+        raise UsageError(f"--by must be 'run', got {by!r}") from None
+    if by is not None and across is not Across.epochs:
+        raise UsageError(
+            f"--by run lines runs up on epochs; it cannot go with --across {across.value}"
+        )
+    if baseline is not None and by is None:
+        raise UsageError("--baseline names the reference run of --by run; add --by run")
+    if center not in ("global", "classmean"):
+        raise UsageError(f"--center must be 'global' or 'classmean', got {center!r}")
+    return across, by
+
+
+def _plan_metrics(
+    metrics: Sequence[str] | str | None, fail_if: Iterable[str | Threshold], by: By | None
+) -> tuple[list[Threshold], list[str]]:
+    """The thresholds, and the metrics to measure: those asked for (default
+    :data:`DEFAULT_METRICS`) plus every metric a threshold names."""
+    thresholds = [t if isinstance(t, Threshold) else parse_threshold(t) for t in fail_if]
+    for t in thresholds:
+        if t.metric.startswith(DELTA_PREFIX) and by is None:
+            raise UsageError(f"--fail-if {t}: delta_ metrics exist only with --by run")
+    names = select_metrics(list(DEFAULT_METRICS) if metrics is None else metrics)
+    for t in thresholds:
+        base = t.metric.removeprefix(DELTA_PREFIX)
+        if base not in names:
+            names.append(base)
+    return thresholds, names
+
+
+def _order(
+    sources: Sequence[Source],
+    run_of: str | RunFrom | Callable[[Source], str],
+    by: By | None,
+    baseline: str | None,
+    across: Across,
+) -> tuple[list[_Ckpt], list[str], str | None]:
+    """The checkpoints to measure in order (by run, then epoch/step/name), the runs in
+    order (the baseline first with ``by="run"``) and the baseline."""
+    runs_of = run_names(sources, run_of)
+    ckpts = [_Ckpt(s, r, i) for i, (s, r) in enumerate(zip(sources, runs_of, strict=True))]
+    runs = list(dict.fromkeys(runs_of))
+    if by is By.run:
+        baseline = _check_runs(ckpts, runs, baseline)
+        runs.remove(baseline)
+        runs.insert(0, baseline)
+    run_rank = {r: i for i, r in enumerate(runs)}
+    ckpts.sort(key=lambda c: (run_rank[c.run], *c.sort_key()))
+    if across is Across.runs:
+        last: dict[str, _Ckpt] = {}
+        for c in ckpts:
+            last[c.run] = c
+        ckpts = list(last.values())
+    return ckpts, runs, baseline
+
+
+def _measure_all(
+    ckpts: Sequence[_Ckpt],
+    runs: list[str],
+    opts: MeasureOptions,
+    progress: Callable[[str], None] | None,
+) -> list[pd.DataFrame]:
+    """Measure each checkpoint; its rows carry the run, the step and the sort keys
+    ``_ck`` (checkpoint), ``_run`` (run) and ``_lr`` (layer depth)."""
+    run_rank = {r: i for i, r in enumerate(runs)}
+    frames = []
+    for rank, c in enumerate(ckpts):
+        df = measure_sources([c.source], opts, progress)
+        layer_rank = {name: i for i, name in enumerate(c.source.layers)}
+        df.insert(1, "run", c.run)
+        df.insert(3, "step", c.source.step)
+        df["_ck"] = rank
+        df["_run"] = run_rank[c.run]
+        df["_lr"] = df["layer"].map(layer_rank)
+        frames.append(df)
+    return frames
+
+
+def _arrange(
+    frames: list[pd.DataFrame],
+    names: list[str],
+    by: By | None,
+    baseline: str | None,
+    notes: list[str],
+) -> pd.DataFrame:
+    """One frame, with the ``delta_`` rows for ``by="run"``, sorted for display: by run,
+    checkpoint, layer, metric (or by epoch first, runs side by side, with ``by="run"``)."""
+    data = pd.concat(frames, ignore_index=True)
+    data["step"] = data["step"].astype("Int64")
+    data["epoch"] = data["epoch"].astype("Int64")
+    metric_rank = {m: i for i, m in enumerate(names)}
+    metric_rank.update({DELTA_PREFIX + m: len(names) + i for i, m in enumerate(names)})
+    if by is By.run:
+        deltas = _deltas(data, baseline, names, notes)
+        if not deltas.empty:
+            data = pd.concat([data, deltas], ignore_index=True)
+        order = ["epoch", "step", "_run", "_lr", "_mr"]
+    else:
+        order = ["_run", "_ck", "_lr", "_mr"]
+    data["_mr"] = data["metric"].map(metric_rank)
+    return data.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
+
+
+def _public_columns(data: pd.DataFrame, *, keep_run: bool) -> pd.DataFrame:
+    """The tidy columns (``run`` only when ``keep_run``, ``step`` only when any is set)."""
+    keep_step = bool(data["step"].notna().any())
+    cols = [
+        c
+        for c in ("source", "run", "epoch", "step", "layer", "metric", "value")
+        if (c != "run" or keep_run) and (c != "step" or keep_step)
+    ]
+    return data[cols].copy()
+
+
+def _collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
+    """Merge ``"<source> <layer>: <why>"`` notes that repeat for many checkpoints."""
+    groups: dict[str, list[str]] = {}
+    for note in notes:
+        src = next((lab for lab in labels if note.startswith(lab + " ")), None)
+        key = note if src is None else note[len(src) + 1 :]
+        groups.setdefault(key, []).append(src or "")
+    out = []
+    for key, srcs in groups.items():
+        if len(srcs) == 1:
+            out.append(f"{srcs[0]} {key}".strip())
+        else:
+            more = f", … {len(srcs) - 3} more" if len(srcs) > 3 else ""
+            out.append(f"{key} ({', '.join(srcs[:3])}{more})")
+    return out
+
+
+def _check_runs(ckpts: list[_Ckpt], runs: list[str], baseline: str | None) -> str:
+    """Validate the runs for ``by="run"`` and return the baseline run."""
+    if len(runs) < 2:
+        raise UsageError(
+            f"--by run needs at least two runs, found one ({runs[0]!r}); a run is named by the "
+            "cache's 'run' attribute, else its directory, else the file name without the "
+            "epoch (see --run-from)"
+        )
+    if baseline is not None and baseline not in runs:
+        raise UsageError(f"--baseline {baseline!r} is not a run; runs are {', '.join(runs)}")
+    seen: dict[tuple[str, int], str] = {}
+    for c in ckpts:
+        if c.source.epoch is None:
+            raise DataError(
+                f"{c.source.path}: no epoch (no 'epoch' attribute and none in the file name), "
+                "so --by run cannot line it up with the other runs"
+            )
+        key = (c.run, c.source.epoch)
+        if key in seen:
+            raise DataError(
+                f"run {c.run!r} has two checkpoints at epoch {c.source.epoch} "
+                f"({seen[key]} and {c.source.path}); pass one of them, or compare without --by run"
+            )
+        seen[key] = c.source.path
+    return baseline or runs[0]
+
+
+def _deltas(data: pd.DataFrame, baseline: str, names: list[str], notes: list[str]) -> pd.DataFrame:
+    """``delta_<m>`` rows: each non-baseline run minus the baseline at the same epoch, layer."""
+    base = data[data["run"] == baseline]
+    ref = {
+        (e, layer, m): v
+        for e, layer, m, v in base[["epoch", "layer", "metric", "value"]].itertuples(
+            index=False, name=None
+        )
+    }
+    rows = []
+    unmatched: dict[str, set] = {}
+    for rec in data[data["run"] != baseline].to_dict("records"):
+        key = (rec["epoch"], rec["layer"], rec["metric"])
+        if rec["metric"] not in names:
+            continue
+        if key not in ref:
+            unmatched.setdefault(rec["run"], set()).add(
+                f"epoch {rec['epoch']} layer {rec['layer']}"
+            )
+            continue
+        rows.append(
+            {**rec, "metric": DELTA_PREFIX + rec["metric"], "value": rec["value"] - ref[key]}
+        )
+    for run, where in unmatched.items():
+        shown = sorted(where)
+        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
+        notes.append(
+            f"run {run}: no delta where baseline {baseline} has no matching checkpoint/layer "
+            f"({'; '.join(shown[:5])}{more})"
+        )
+    return pd.DataFrame(rows, columns=data.columns)

@@ -1,0 +1,132 @@
+"""``--fail-if`` thresholds: parsing ``METRIC OP NUMBER`` and finding the rows that cross.
+
+``fail_if=["nc1>0.05"]`` (operators ``> >= < <= ==``; the metric is any name of
+``nccli metrics`` or ``delta_<name>`` with ``by="run"``) is checked against *every* row of
+that metric, or only each run's last checkpoint.  ``nan`` values never cross a threshold;
+a note says how many were skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from nccli.errors import UsageError
+from nccli.metrics import METRICS
+
+#: prefix of the ``by="run"`` difference rows (``delta_nc1`` = run − baseline)
+DELTA_PREFIX = "delta_"
+
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+}
+_THRESHOLD = re.compile(
+    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>>=|<=|==|>|<)\s*"
+    r"(?P<num>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)\s*$"
+)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One ``--fail-if`` condition: ``metric op value``."""
+
+    metric: str
+    op: str
+    value: float
+
+    def crossed(self, v: float) -> bool:
+        """True when ``v`` meets the condition (``nan`` never does)."""
+        return math.isfinite(v) and _OPS[self.op](v, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+
+def parse_threshold(spec: str) -> Threshold:
+    """Parse ``"nc1>0.05"``; a malformed spec or an unknown metric is a :class:`UsageError`."""
+    m = _THRESHOLD.match(spec)
+    if m is None:
+        raise UsageError(
+            f"--fail-if {spec!r}: expected METRIC OP NUMBER such as 'nc1>0.05' "
+            "(OP is one of > >= < <= ==)"
+        )
+    metric = m.group("metric")
+    base = metric[len(DELTA_PREFIX) :] if metric.startswith(DELTA_PREFIX) else metric
+    if base not in METRICS:
+        raise UsageError(
+            f"--fail-if {spec!r}: unknown metric {metric!r}; use a name from `nccli metrics` "
+            f"({', '.join(list(METRICS)[:4])}, …) or delta_<name> with --by run"
+        )
+    return Threshold(metric, m.group("op"), float(m.group("num")))
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A row that crossed a threshold."""
+
+    threshold: Threshold
+    source: str
+    run: str
+    epoch: int | None
+    step: int | None
+    layer: str
+    value: float
+
+    def describe(self, with_run: bool = True) -> str:
+        """``ep010.h5 (run a) layer fc epoch 10: nc1 = 0.3123 crosses nc1>0.05``."""
+        where = self.source + (f" (run {self.run})" if with_run else "")
+        when = "" if self.epoch is None else f" epoch {self.epoch}"
+        when += "" if self.step is None else f" step {self.step}"
+        return (
+            f"{where} layer {self.layer}{when}: {self.threshold.metric} = "
+            f"{self.value:.6g} crosses {self.threshold}"
+        )
+
+
+def find_violations(
+    data: pd.DataFrame, thresholds: list[Threshold], last_only: bool, notes: list[str]
+) -> tuple[list[Violation], int]:
+    """Rows crossing any threshold (all rows, or each run's last checkpoint)."""
+    if not thresholds:
+        return [], 0
+    rows = data
+    if last_only:
+        last = data.groupby("_run")["_ck"].transform("max")
+        rows = data[data["_ck"] == last]
+    out: list[Violation] = []
+    checked = 0
+    for t in thresholds:
+        sub = rows[rows["metric"] == t.metric]
+        nan = 0
+        for rec in sub.to_dict("records"):
+            v = float(rec["value"])
+            if math.isnan(v):
+                nan += 1
+                continue
+            checked += 1
+            if t.crossed(v):
+                out.append(
+                    Violation(
+                        t,
+                        rec["source"],
+                        rec["run"],
+                        None if pd.isna(rec["epoch"]) else int(rec["epoch"]),
+                        None if pd.isna(rec["step"]) else int(rec["step"]),
+                        rec["layer"],
+                        v,
+                    )
+                )
+        if nan:
+            notes.append(f"--fail-if {t}: {nan} row(s) are nan and were not checked")
+        if sub.empty:
+            notes.append(f"--fail-if {t}: no rows of {t.metric} to check")
+    return out, checked

@@ -1,0 +1,73 @@
+"""Where a result frame goes: a table on a terminal, CSV when piped, or a file (``-o``).
+
+A file is written to ``<name>.partial`` and renamed, so a failed write (a full disk) never
+leaves a truncated file under the requested name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from nccli.errors import DataError, UsageError
+from nccli.report.console import stdout_console
+from nccli.report.data import OutputFormat, write_data
+from nccli.report.measure_table import render_measure_table
+
+TableRenderer = Callable[[pd.DataFrame, Console], None]
+
+
+def resolve_format(fmt: OutputFormat | None) -> OutputFormat:
+    """``table`` on a terminal, ``csv`` when stdout is piped."""
+    if fmt is not None:
+        return fmt
+    return OutputFormat.table if sys.stdout.isatty() else OutputFormat.csv
+
+
+def write_file(df: pd.DataFrame, fmt: OutputFormat, output: Path, *, as_wide: bool) -> None:
+    """Write ``df`` to ``output`` (a table becomes CSV) through a ``.partial`` file."""
+    if fmt is OutputFormat.table:
+        fmt = OutputFormat.csv
+    tmp = output.with_name(output.name + ".partial")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            write_data(df, fmt, fh, as_wide=as_wide)
+        os.replace(tmp, output)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise DataError(
+                f"{output}: cannot write ({exc.strerror or exc}): the disk (or a file-size "
+                "limit) is full; free disk space or choose another -o"
+            ) from None
+        raise UsageError(
+            f"{output}: cannot write ({exc.strerror or exc}); choose another -o"
+        ) from None
+
+
+def emit(
+    df: pd.DataFrame,
+    fmt: OutputFormat | None,
+    *,
+    as_wide: bool,
+    output: Path | None = None,
+    render_table: TableRenderer | None = None,
+) -> None:
+    """Write a result frame to stdout (or ``output``) in the chosen format; a table is
+    drawn by ``render_table`` (default: the measure table)."""
+    fmt = resolve_format(fmt)
+    if output is not None and str(output) != "-":
+        write_file(df, fmt, output, as_wide=as_wide)
+        return
+    if fmt is OutputFormat.table:
+        (render_table or render_measure_table)(df, stdout_console())
+    else:
+        write_data(df, fmt, sys.stdout, as_wide=as_wide)
