@@ -41,6 +41,7 @@ import numpy as np
 import pytest
 import slow_model
 import torch
+from helpers import Evil, python_m_nccli, save_state_dict, write_cluster_npz
 
 from nccli import zoo
 
@@ -207,16 +208,6 @@ def cli(tmp_path_factory: pytest.TempPathFactory):
 # --------------------------------------------------------------------------- good inputs
 
 
-class Evil:
-    """Unpickling this creates the directory ``marker`` (code execution)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.mkdir, (str(self.marker),))
-
-
 @dataclass
 class Workspace:
     root: Path
@@ -228,21 +219,13 @@ class Workspace:
     big_ckpt: Path
 
 
-def _dataset(path: Path, n: int, d: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % K
-    x = (rng.normal(size=(K, d)) * 2.0)[y] + rng.normal(size=(n, d))
-    np.savez(path, x=x.astype(np.float32), y=y)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory, cli: ForkCLI) -> Workspace:
     root = tmp_path_factory.mktemp("good")
-    _dataset(root / "data.npz", N, D, 1)
-    _dataset(root / "big.npz", BIG_N, BIG_D, 2)
-    torch.manual_seed(0)
-    torch.save(zoo.build(ARCH).state_dict(), root / "run_ep005.pt")
-    torch.save(zoo.build(BIG_ARCH).state_dict(), root / "big.pt")
+    write_cluster_npz(root / "data.npz", N, D, K, seed=1)
+    write_cluster_npz(root / "big.npz", BIG_N, BIG_D, K, seed=2)
+    save_state_dict(root / "run_ep005.pt", ARCH)
+    torch.save(zoo.build(BIG_ARCH).state_dict(), root / "big.pt")  # torch's RNG runs on
     rng = np.random.default_rng(3)
     y = np.arange(60) % K
     np.savez(
@@ -994,18 +977,15 @@ def test_debug_shows_the_traceback(ws: Workspace, cli: ForkCLI, tmp_path: Path) 
     assert "Traceback" in res.stderr and "no such checkpoint file" in res.stderr
 
 
+@pytest.mark.slow
 def test_fork_server_matches_python_m(ws: Workspace, cli: ForkCLI, tmp_path: Path) -> None:
     """The forked children behave like ``python -m nccli`` (one case, both ways)."""
     path = _copy_cache(ws, tmp_path, "tampered.h5")
     _flip_stats(path)
     argv = ["measure", str(path), "-f", "csv"]
     forked = cli(argv, cwd=tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "nccli", *argv],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NO_COLOR": "1", "PYTHONPATH": str(REPO)},
+    proc = python_m_nccli(
+        *argv, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1", "PYTHONPATH": str(REPO)}
     )
     assert (forked.code, forked.stdout, forked.stderr) == (
         proc.returncode,

@@ -18,9 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
+from helpers import save_state_dict, write_cluster_npz
 
-from nccli import measure, zoo
+from nccli import measure
 from nccli.errors import CacheError, DataError, UsageError
 from nccli.extract import extract
 from nccli.extract import row_range as _row_range
@@ -42,21 +42,12 @@ def free_port() -> int:
 
 
 def write_data(path: Path, bad_row: int | None = None) -> Path:
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % K
-    x = ((rng.normal(size=(K, D)) * 2)[y] + rng.normal(size=(N, D))).astype(np.float32)
-    if bad_row is not None:
-        x[bad_row] = np.nan
-    np.savez(path, x=x, y=y)
-    return path
+    return write_cluster_npz(path, N, D, K, seed=0, bad_row=bad_row)
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[Path, Path]:
-    torch.manual_seed(0)
-    model = zoo.build(ARCH)
-    ckpt = tmp_path / "ep10.pt"
-    torch.save({"state_dict": model.state_dict()}, ckpt)
+    ckpt = save_state_dict(tmp_path / "ep10.pt", ARCH, wrap=True)
     return ckpt, write_data(tmp_path / "data.npz")
 
 
@@ -122,6 +113,7 @@ def read_rows(path: Path) -> dict[str, np.ndarray]:
         return out
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_rank(tmp_path: Path, setup: tuple[Path, Path]) -> None:
     ckpt, data = setup
     ref = extract(
@@ -171,6 +163,7 @@ def test_two_ranks_equal_one_rank(tmp_path: Path, setup: tuple[Path, Path]) -> N
     assert log.count("already extracted") == 2
 
 
+@pytest.mark.slow
 def test_failed_rank_leaves_no_finished_shard(tmp_path: Path, setup: tuple[Path, Path]) -> None:
     ckpt, _ = setup
     data = write_data(tmp_path / "bad.npz", bad_row=80)  # in rank 1's shard only

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from helpers import seeded_model, write_cluster_npz
 from torch import nn
 
 from nccli import zoo
@@ -28,18 +29,12 @@ HEAD = ["head.0", "head.1", "classifier"]
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    y = np.arange(N) % K
-    x = (rng.normal(size=(K, D)) * 2)[y] + rng.normal(size=(N, D))
-    path = tmp_path / "data.npz"
-    np.savez(path, x=x.astype(np.float32), y=y)
-    return path
+    return write_cluster_npz(tmp_path / "data.npz", N, D, K, seed=0)
 
 
 @pytest.fixture
 def model() -> nn.Module:
-    torch.manual_seed(0)
-    return zoo.build(ARCH)
+    return seeded_model(ARCH)
 
 
 def save_state(model: nn.Module, path: Path, **extra) -> Path:
@@ -390,6 +385,7 @@ def test_row_ranges_are_disjoint_and_cover():
             assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_cuda_amp_extraction(tmp_path, data, model, amp):

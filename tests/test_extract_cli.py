@@ -19,33 +19,24 @@ import numpy as np
 import pytest
 import slow_model
 import torch
-from typer.testing import CliRunner
+from helpers import Evil, runner, save_state_dict, write_cluster_npz
 
 from nccli import zoo
 from nccli.cli import app
 from nccli.io.cache import Cache
 
-runner = CliRunner()
 K, D, N = 3, 6, 90
 ARCH = f"mlp:in_dim={D},widths=10-,num_classes={K},head_depth=1"
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(1)
-    y = np.arange(N) % K
-    x = (rng.normal(size=(K, D)) * 1.5)[y] + rng.normal(size=(N, D))
-    path = tmp_path / "data.npz"
-    np.savez(path, x=x.astype(np.float32), y=y)
-    return path
+    return write_cluster_npz(tmp_path / "data.npz", N, D, K, seed=1, scale=1.5)
 
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "run_ep005.pt"
-    torch.save(zoo.build(ARCH).state_dict(), path)
-    return path
+    return save_state_dict(tmp_path / "run_ep005.pt", ARCH)
 
 
 def extract_args(ckpt: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -147,18 +138,10 @@ def test_usage_and_data_errors(tmp_path, data, ckpt):
     assert not list((tmp_path / "o").glob("*"))
 
 
-class _Evil:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
-
-
 def test_malicious_pickle_is_refused(tmp_path, data):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": _Evil(marker)}, evil)
+    torch.save({"state_dict": Evil(marker)}, evil)
     res = runner.invoke(app, extract_args(evil, data, tmp_path / "out"))
     assert res.exit_code == 1
     assert "--trust-checkpoint" in res.stderr and "Traceback" not in res.output
@@ -166,6 +149,7 @@ def test_malicious_pickle_is_refused(tmp_path, data):
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path, data, ckpt):
     out = tmp_path / "out"
     # the same network, sleeping 0.3 s in every forward (the run's directory holds it)

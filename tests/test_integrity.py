@@ -15,10 +15,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import cluster_data, runner, save_state_dict, seeded_model, write_cluster_npz
 
 import nccli.io.cache.writer as cache_mod
-from nccli import zoo
 from nccli.cli import app
 from nccli.errors import CacheError, DataError
 from nccli.extract import extract
@@ -29,7 +28,6 @@ from nccli.stats import ClassStats
 ex = importlib.import_module("nccli.extract")  # the package re-exports the extract() function
 api = importlib.import_module("nccli.extract.api")
 pipeline = importlib.import_module("nccli.extract.pipeline")
-runner = CliRunner()
 K, D, N = 3, 6, 90
 ARCH = f"mlp:in_dim={D},widths=10-,num_classes={K},head_depth=1"
 LAYERS = ["head.0", "classifier"]
@@ -38,31 +36,23 @@ BAD_ROWS = [3, 10, 11, 50]  # classes 0, 1, 2, 2
 
 
 def _xy(seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = np.arange(N) % K
-    x = (rng.normal(size=(K, D)) * 2.0)[y] + rng.normal(size=(N, D))
-    return x.astype(np.float32), y
+    return cluster_data(N, D, K, seed)
 
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    x, y = _xy()
-    np.savez(tmp_path / "data.npz", x=x, y=y)
-    return tmp_path / "data.npz"
+    return write_cluster_npz(tmp_path / "data.npz", N, D, K, seed=1)
 
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    torch.save(zoo.build(ARCH).state_dict(), tmp_path / "run_ep005.pt")
-    return tmp_path / "run_ep005.pt"
+    return save_state_dict(tmp_path / "run_ep005.pt", ARCH)
 
 
 @pytest.fixture
 def hot(tmp_path: Path) -> Path:
     """A checkpoint whose first layer sums its inputs with positive weights."""
-    torch.manual_seed(0)
-    model = zoo.build(ARCH)
+    model = seeded_model(ARCH)
     with torch.no_grad():
         model.body[0].weight.abs_().add_(0.5)
     torch.save(model.state_dict(), tmp_path / "hot.pt")
@@ -303,9 +293,8 @@ def test_names_inside_inputs_never_become_paths(tmp_path: Path, data: Path) -> N
     ``<out>/<file stem>.h5``."""
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
-    torch.manual_seed(0)
     state = {
-        "state_dict": zoo.build(ARCH).state_dict(),
+        "state_dict": seeded_model(ARCH).state_dict(),
         "name": "../../escaped",
         "run": "/tmp/escaped-run",
         "arch": "../x",

@@ -51,6 +51,7 @@ def test_half_precision_tensors():
     _assert_same(st, ref, rtol=1e-10)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_accumulation_matches_cpu():
     H, y, K = _data(3)
