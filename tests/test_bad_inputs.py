@@ -947,6 +947,7 @@ def _start_slow_extract(cli: ForkCLI, ws: Workspace, d: Path) -> Running:
     return run
 
 
+@pytest.mark.slow
 def test_sigint_mid_extraction(ws: Workspace, cli: ForkCLI, tmp_path: Path) -> None:
     run = _start_slow_extract(cli, ws, tmp_path)
     os.kill(run.pid, signal.SIGINT)
@@ -957,6 +958,7 @@ def test_sigint_mid_extraction(ws: Workspace, cli: ForkCLI, tmp_path: Path) -> N
         assert 0 < int(f.attrs["rows_done"]) < N
 
 
+@pytest.mark.slow
 def test_sigkill_mid_extraction(ws: Workspace, cli: ForkCLI, tmp_path: Path) -> None:
     run = _start_slow_extract(cli, ws, tmp_path)
     os.kill(run.pid, signal.SIGKILL)

@@ -110,6 +110,7 @@ def test_bad_labels_file(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_debug_shows_traceback(tmp_path):
     p = tmp_path / "bad.npz"
     np.savez(p, features=np.zeros((4, 3)))
@@ -122,6 +123,7 @@ def test_debug_shows_traceback(tmp_path):
     assert "no array named 'labels'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_subprocess_pipeline(feats):
     """`nccli measure x.npz | python -c "import pandas ..."`: csv when piped."""
     cmd = (

@@ -312,6 +312,7 @@ def test_json_wide_and_output_file(npz_run, tmp_path):
     assert w["epoch"].tolist() == [0, 5, 50, 200]
 
 
+@pytest.mark.slow
 def test_subprocess_pipeline_csv(two_runs, tmp_path):
     files = [str(p) for p in two_runs["base"][::-1] + two_runs["wide"]]
     proc = python_m_nccli("compare", *files, "--by", "run", "-m", "nc1", timeout=120, cwd=tmp_path)
