@@ -66,6 +66,14 @@ def write_cluster_npz(
     return path
 
 
+def assert_stats_close(a, b, label: str, rel: float = 1e-10) -> None:
+    """Two ``ClassStats`` agree array by array to ``rel`` of ``b``'s largest entry (or of 1,
+    whichever is larger); ``label`` names the layer in the failure."""
+    for attr in ("counts", "means", "scatter", "class_ss"):
+        x, y = getattr(a, attr), getattr(b, attr)
+        assert np.abs(x - y).max() <= rel * max(np.abs(y).max(), 1), (label, attr)
+
+
 # --------------------------------------------------------------------------- pickles
 class Evil:
     """A pickle payload: unpickling it runs code that creates ``marker``.
