@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def _no_color() -> bool:
@@ -29,14 +30,23 @@ def stderr_console() -> Console:
     return Console(stderr=True, no_color=_no_color(), highlight=False)
 
 
-def print_notes(notes: Iterable[str], quiet: bool = False) -> None:
-    """Reasons for nan values (and other notes), on stderr; nothing when ``quiet``."""
+def print_notes(
+    notes: Iterable[str],
+    quiet: bool = False,
+    *,
+    console: Console | None = None,
+    escape_text: bool = False,
+) -> None:
+    """Reasons for nan values (and other notes), ``note: …`` on stderr; nothing when
+    ``quiet``.  ``console``: print through this one instead (a live progress bar's, so the
+    bar stays below the notes); ``escape_text``: show ``[...]`` in a note literally."""
     notes = list(notes)
     if quiet or not notes:
         return
-    console = stderr_console()
+    console = console if console is not None else stderr_console()
     for note in notes:
-        console.print(f"[yellow]note:[/yellow] {note}", soft_wrap=True)
+        text = escape(note) if escape_text else note
+        console.print(f"[yellow]note:[/yellow] {text}", soft_wrap=True, highlight=False)
 
 
 def progress_bar(enabled: bool) -> Any:
