@@ -240,3 +240,11 @@ def test_every_metric_is_listed_by_nccli_metrics():
     assert res.exit_code == 0, res.output
     listed = [line.split("│")[1].strip() for line in res.stdout.splitlines() if "│" in line]
     assert listed == list(METRICS)
+
+
+def test_nccli_metrics_shows_every_formula_verbatim():
+    """Formulas hold ``[...]`` (``P[argmax ...]``), which rich would read as markup."""
+    res = runner.invoke(app, ["metrics"], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    rows = [line.split("│") for line in res.stdout.splitlines() if "│" in line]
+    shown = {r[1].strip(): r[4].strip() for r in rows}
+    assert shown == {name: m.formula for name, m in METRICS.items()}

@@ -17,30 +17,9 @@ from nccli.errors import DataError, UsageError
 from nccli.extract import distributed as dist_mod
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, resolve_device
 from nccli.extract.runner import Runner, Settings
+from nccli.report.console import progress_bar
 
 __all__ = ["cache_path", "extract"]
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
 
 
 def _check_options(
@@ -221,7 +200,7 @@ def _run_all(
         )
     written: list[Path] = []
     # one progress bar (rank 0's shard) under torchrun; every rank prints its notes
-    with _progress(cfg.notes and cfg.rank == 0) as bar:
+    with progress_bar(cfg.notes and cfg.rank == 0) as bar:
         run = Runner(ds, data, split, cfg, bar, prefetch=2 * num_workers)
         for p in paths:
             if group is None:

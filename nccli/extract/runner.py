@@ -37,6 +37,7 @@ from nccli.extract.discovery import Discovery, discover_layers, logits_of
 from nccli.extract.pipeline import BackgroundWriter, Rows, iter_rows, prefetch, to_host
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_resumable
+from nccli.report.console import print_notes
 from nccli.stats import ClassStats
 
 __all__ = ["PROBE_SAMPLES", "Runner", "Settings", "eval_mode", "row_range"]
@@ -127,10 +128,8 @@ class Runner:
 
     def note(self, text: str) -> None:
         """One note on stderr (unless notes are off)."""
-        if self.cfg.notes and self.console is not None:
-            self.console.print(
-                f"[yellow]note:[/yellow] {escape(text)}", soft_wrap=True, highlight=False
-            )
+        if self.console is not None:
+            print_notes([text], quiet=not self.cfg.notes, console=self.console, escape_text=True)
 
     def _want(self, sha: str) -> dict[str, Any]:
         """Root attributes a cache of this run must carry to be skipped or resumed."""

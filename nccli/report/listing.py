@@ -58,6 +58,9 @@ def render_metrics(metrics: Iterable[Any], console: Console) -> None:
         table.add_column(col)
     for info in metrics:
         table.add_row(
-            info.name, info.family, "higher" if info.higher_is_better else "lower", info.formula
+            escape(info.name),
+            info.family,
+            "higher" if info.higher_is_better else "lower",
+            escape(info.formula),
         )
     console.print(table)
