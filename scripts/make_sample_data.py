@@ -209,7 +209,7 @@ def imbalanced_subset(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 # --------------------------------------------------------------------------------- training
 def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy, or MSE ``(1/2N) Σ_i ||f(x_i) - e_{y_i}||²`` (METRICS.md's scaling)."""
+    """Cross-entropy, or MSE ``(1/2N) Σ_i ||f(x_i) - e_{y_i}||²`` (docs/metrics.md's scaling)."""
     if kind == "ce":
         return F.cross_entropy(logits, y)
     target = F.one_hot(y, logits.shape[1]).to(logits.dtype)

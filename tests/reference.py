@@ -1,10 +1,10 @@
-"""A slow, obvious float64 reference for every number in /work/shared/docs/METRICS.md.
+"""A slow, obvious float64 reference for every number in docs/metrics.md.
 
 Written straight from the spec with per-class Python loops and an explicit
 ``numpy.linalg.pinv``; it shares nothing with the engine (``nccli.stats`` /
 ``nccli.metrics``) on purpose, so the tests compare two independent implementations.
 
-Conventions (METRICS.md):
+Conventions (docs/metrics.md):
 
 - ``Σ_W = (1/N) Σ_i (h_i-μ_{y_i})(h_i-μ_{y_i})ᵀ`` (divide by N), ``Σ_B = (1/K) Σ_k M_k M_kᵀ``.
 - ``nc1 = (1/K) Tr(Σ_W Σ_B⁺)``; ``Σ_B⁺`` keeps only the non-trivial (≤ K-1) directions.
@@ -113,7 +113,7 @@ def nc2_metrics(V):
 
 
 def reference_metrics(H, y, K, W=None, b=None, center="global", rcond=1e-10):
-    """Every metric of METRICS.md (NC1–NC4) for features H (N, d), labels y, K classes.
+    """Every metric of docs/metrics.md (NC1–NC4) for features H (N, d), labels y, K classes.
 
     ``rcond`` is relative to the largest eigenvalue of ``Σ_B`` (= ``s_max²/K``), so the
     default ``1e-10`` drops only round-off directions (the engine's ``rtol=1e-8`` on the

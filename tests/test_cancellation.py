@@ -1,6 +1,6 @@
 """Near collapse the within-class spread is tiny beside the means: the statistics must be
 accumulated in float64 with centred (two-pass / Chan) updates, never from raw moments
-``Σ hhᵀ - N μμᵀ`` (METRICS.md, "Sufficient statistics")."""
+``Σ hhᵀ - N μμᵀ`` (docs/metrics.md, "How the numbers are computed")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configurations whose metrics are known in closed form (METRICS.md definitions).
+"""Configurations whose metrics are known in closed form (docs/metrics.md definitions).
 
 Simplex ETF: ``E = (K/(K-1)) (I - 11ᵀ/K)``, unit norms, cosines ``-1/(K-1)``, and
 ``||E||_F² = K·1 + K(K-1)·1/(K-1)² = K²/(K-1)``, i.e. ``||E||_F = K/√(K-1)``.

@@ -1,6 +1,6 @@
 """Degenerate and bad inputs: the engine answers with a one-line ``DataError`` or with
 ``nan`` metrics whose reason is recorded — never with another exception type, never with
-an unexplained ``nan`` or an ``inf`` (METRICS.md, "Conventions to keep straight").
+an unexplained ``nan`` or an ``inf`` (docs/metrics.md, "Conventions").
 
 Each case pins the one answer the engine gives today — the exception type and its exact
 message, or exactly which metrics are ``nan`` and the reason recorded for each — so a

@@ -1,5 +1,5 @@
 """Results must not depend on batch size, order, sharding, rotation or global scale
-(METRICS.md: the merge is associative; tests check this to 1e-10 relative)."""
+(docs/metrics.md: the merge is associative; tests check this to 1e-10 relative)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ def test_cond_from_gram_matches_svd():
 
 def test_gram_route_respects_rtol():
     """A singular value between rtol·s_max and the Gram route's margin sends nc1 to the SVD,
-    so both routes drop the same directions (METRICS.md: cut-off rtol·s_max)."""
+    so both routes drop the same directions (docs/metrics.md: cut-off rtol·s_max)."""
     rng = np.random.default_rng(1)
     K, d = 64, 100
     U, _ = np.linalg.qr(rng.normal(size=(d, K - 1)))

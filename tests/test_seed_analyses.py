@@ -191,7 +191,7 @@ def test_bias_free_imbalanced_mse_is_an_orthogonal_frame_with_closed_form_length
     np.testing.assert_allclose(np.linalg.norm(st.means, axis=1), mu_pred, rtol=1e-3)
     # larger classes: longer classifier rows, shorter class means
     assert np.all(np.diff(w_pred) < 0) and np.all(np.diff(mu_pred) > 0)
-    # explicit M = 1 formulas of METRICS.md
+    # explicit M = 1 formulas of docs/metrics.md
     n, N = np.array(COUNTS, float), sum(COUNTS)
     np.testing.assert_allclose(w_pred**2, np.sqrt(n * LAM_H / LAM_W) - N * LAM_H, rtol=1e-12)
     np.testing.assert_allclose(mu_pred**2, np.sqrt(LAM_W / (n * LAM_H)) - N * LAM_W / n, rtol=1e-10)

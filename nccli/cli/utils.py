@@ -10,5 +10,5 @@ from nccli.report.listing import render_metrics
 
 @app.command("metrics", rich_help_panel="Utils")
 def list_metrics() -> None:
-    """List every metric name, its family and formula (METRICS.md)."""
+    """List every metric name, its family and formula (docs/metrics.md)."""
     render_metrics(METRICS.values(), stdout_console(highlight=True))
