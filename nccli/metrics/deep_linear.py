@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from nccli.layers import CHAIN_ROLES, head_chain  # the one definition of the chain
 from nccli.metrics.nc import Undefined, _present, means_singular_values
 from nccli.stats import ClassStats
 
@@ -42,28 +43,6 @@ __all__ = [
     "head_is_bias_free",
     "total_covariance",
 ]
-
-#: layer roles that can belong to the linear head
-CHAIN_ROLES = ("penultimate", "linear", "classifier")
-
-
-def head_chain(views: Sequence[Any]) -> list[Any]:
-    """The views of the trailing linear chain, bottom (head input) to top (classifier input).
-
-    Views are taken in depth order among those with a head role and a linear ``weight``;
-    walking down from the last one, the chain stops where the output size of the module
-    below does not match the features of the view above.
-    """
-    cand = [v for v in views if v.role in CHAIN_ROLES and v.weight is not None]
-    if not cand:
-        return []
-    chain = [cand[-1]]
-    for v in reversed(cand[:-1]):
-        upper = chain[0]
-        if v.weight.shape[0] != upper.dim or upper.weight.shape[1] != upper.dim:
-            break
-        chain.insert(0, v)
-    return chain
 
 
 def chain_position(view: Any, chain: Sequence[Any]) -> int | None:
