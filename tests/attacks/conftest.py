@@ -1,0 +1,62 @@
+"""Shared set-up of the attack tests (issue: hostile and faulty inputs).
+
+Every test here builds one crafted input (a runnable attack, kept as code), runs the real
+CLI on it through the fork server (:mod:`cli_harness`) and checks the contract of a
+refused input: exit 1 or 2, one stderr line naming the file, no traceback, peak RSS under
+1 GB, and no side effect (a marker file never appears, a victim file's bytes are
+unchanged, no finished-looking output).
+
+Fixtures: ``cli`` (the fork server), ``good`` (valid inputs to tamper with: a dataset, a
+state-dict checkpoint, its cache and a features file), ``victim`` (a file whose bytes must
+not change).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from attack_kit import ARCH, D, Good, K, N, extract_argv
+from cli_harness import ForkCLI
+from helpers import save_state_dict, write_cluster_npz
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory: pytest.TempPathFactory):
+    server = ForkCLI(tmp_path_factory.mktemp("attack-cli"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory, cli: ForkCLI) -> Good:
+    root = tmp_path_factory.mktemp("good")
+    write_cluster_npz(root / "data.npz", N, D, K, seed=1)
+    save_state_dict(root / "run_ep005.pt", ARCH)
+    rng = np.random.default_rng(3)
+    y = np.arange(60) % K
+    np.savez(
+        root / "feats.npz",
+        features=rng.normal(size=(60, 4)) + 3 * np.eye(K, 4)[y],
+        labels=y,
+        weight=rng.normal(size=(K, 4)),
+        bias=np.zeros(K),
+    )
+    res = cli(extract_argv(root / "run_ep005.pt", root / "data.npz", root / "cache"), cwd=root)
+    assert res.code == 0, res
+    return Good(
+        root,
+        root / "data.npz",
+        root / "run_ep005.pt",
+        root / "cache" / "run_ep005.h5",
+        root / "feats.npz",
+    )
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    """A file an attack may try to overwrite; tests check its bytes afterwards."""
+    path = tmp_path / "victim.txt"
+    path.write_bytes(b"precious bytes\n")
+    return path
