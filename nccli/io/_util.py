@@ -9,9 +9,9 @@ import re
 import sys
 from typing import Any
 
-from nccli.errors import UsageError
+from nccli.errors import DataError, UsageError
 
-__all__ = ["IMPORT_SPEC", "file_sha256", "import_object", "one_line"]
+__all__ = ["IMPORT_SPEC", "check_input_file", "file_sha256", "import_object", "one_line"]
 
 #: ``pkg.module:attr`` or ``pkg.module:Class.attr``
 IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -74,3 +74,29 @@ def import_object(spec: str, *, flag: str) -> Any:
             raise UsageError(f"{flag} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     return obj
+
+
+def check_input_file(path: str | os.PathLike[str], what: str = "input") -> None:
+    """Refuse an input that is not a regular file before anything opens it: a FIFO or a
+    socket would make a read hang, a device read without end (``/dev/zero``).  A missing
+    path is left to the caller's own "no such file" message; a directory is refused."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode  # follows a symlink: the target is what is read
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise DataError(f"{path}: cannot inspect the {what} ({exc.strerror or exc})") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = (
+        "a directory"
+        if stat.S_ISDIR(mode)
+        else "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "a device"
+    )
+    raise DataError(f"{path}: the {what} is {kind}, not a regular file; pass a file")
