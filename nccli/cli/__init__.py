@@ -20,30 +20,30 @@ import typer
 
 # the command modules register their commands on the app, in --help order
 from nccli.cli import analyse, extract, utils  # noqa: F401
-from nccli.cli.core import STATE, app, user_errors
+from nccli.cli.core import (
+    STATE,
+    app,
+    click_exceptions,
+    library_warnings,
+    unexpected_line,
+    user_errors,
+)
 
 __all__ = ["STATE", "app", "main", "user_errors"]
-
-
-def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
-    """click's ``ClickException`` (the base of ``typer.BadParameter``, wherever typer gets
-    click from) and ``typer.Abort``."""
-    base = next(
-        (c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
-        typer.BadParameter,
-    )
-    return base, typer.Abort
 
 
 def main() -> None:
     """Console-script entry point.
 
     A command-line mistake click catches (missing or unknown option, bad value) is one
-    stderr line and exit 2, like the errors of the commands themselves.
+    stderr line and exit 2, like the errors of the commands themselves; library warnings
+    become ``note:`` lines (:func:`~nccli.cli.core.library_warnings`); whatever escapes
+    everything else is one ``unexpected`` line and exit 1 (``--debug``: the traceback).
     """
-    ClickException, Abort = _click_exceptions()
+    ClickException, Abort, Exit = click_exceptions()
     try:
-        code = app(standalone_mode=False)
+        with library_warnings():
+            code = app(standalone_mode=False)
     except ClickException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `nccli`: the help, exit 2
             exc.show()
@@ -56,6 +56,13 @@ def main() -> None:
     except Abort:
         typer.echo("nccli: interrupted", err=True)
         sys.exit(130)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # noqa: BLE001 - outside any command (a callback, parsing)
+        if STATE.debug:
+            raise
+        typer.echo(f"nccli: error: {unexpected_line(exc, None)}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -46,6 +46,15 @@ from nccli.report.theory_table import render_theory
 from nccli.theory import theory_report
 
 
+def _fewer(option: str | None, num_classes: int | None) -> str | None:
+    """What to try when memory runs out: a smaller ``option`` and, when given, a smaller
+    ``--num-classes`` (the per-class statistics grow with it)."""
+    given = [
+        o for o in (option, f"--num-classes (now {num_classes})" if num_classes else None) if o
+    ]
+    return f"a smaller {' or '.join(given)}" if given else None
+
+
 @app.command(rich_help_panel="Analyse")
 def measure(
     paths: MeasurePathsArg,
@@ -68,7 +77,9 @@ def measure(
     report: ReportOpt = None,
 ) -> None:
     """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer."""
-    with user_errors():
+    with user_errors(
+        "measure", paths, reduce=_fewer(f"--chunk-rows (now {chunk_rows})", num_classes)
+    ):
         inputs = [str(p) for p in paths]
         setup = {
             "loss": None if loss is None else loss.value,
@@ -126,7 +137,7 @@ def compare(
 
     --fail-if checks every row of its metric (all checkpoints and selected layers; nan rows are skipped with a note; --fail-if-last: last checkpoint of each run only). The data is still written, then each crossing row is named on stderr and the exit code is 1. A malformed threshold or unknown metric exits 2.
     """
-    with user_errors():
+    with user_errors("compare", paths, reduce=_fewer(None, num_classes)):
         if plot is not None:
             check_plot_path(plot)
         with status_spinner(not STATE.quiet) as progress:

@@ -48,6 +48,14 @@ def _command_line() -> str:
     return shlex.join(["nccli", *sys.argv[1:]])
 
 
+def _smaller(batch_size: int, num_workers: int) -> str:
+    """What to try when extract runs out of memory."""
+    hint = f"a smaller --batch-size (now {batch_size})"
+    if num_workers:
+        hint += f" or fewer --num-workers (now {num_workers}: 2×{num_workers} batches wait ahead)"
+    return hint
+
+
 @app.command(rich_help_panel="Extract")
 def extract(
     checkpoints: CheckpointsArg,
@@ -77,7 +85,7 @@ def extract(
     `torchrun --nproc-per-node G -m nccli extract ...` each rank writes a disjoint shard
     <stem>.rank<r>.h5; measure reads the shard set as one cache.
     """
-    with user_errors():
+    with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
         paths = run_extract(
             [str(p) for p in checkpoints],
             data,
@@ -121,7 +129,7 @@ def info(
     deep: DeepOpt = False,
 ) -> None:
     """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint."""
-    with user_errors():
+    with user_errors("info", [path]):
         if not path.exists():
             raise DataError(f"{path}: no such file")
         if verify or deep:

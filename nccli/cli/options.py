@@ -20,6 +20,14 @@ from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
 from nccli.report import OutputFormat
 
 SETUP_PANEL = "Training setup"
+#: ``--num-classes`` at most: above every single-label benchmark (ImageNet-21k: 21,841);
+#: measure keeps several K×d float64 arrays, so a typo (``-k 10000000000``) must not
+#: reach an allocation of terabytes
+MAX_CLASSES = 10**6
+#: ``--batch-size`` at most (2^24): a typo must not become one giant forward pass
+MAX_BATCH = 2**24
+#: ``--dist-timeout`` at most, in minutes (a week; Python's timedelta overflows far above)
+MAX_DIST_TIMEOUT = 7 * 24 * 60.0
 DIST_PANEL = "Distributed (torchrun)"
 
 
@@ -70,6 +78,8 @@ NumClassesOpt = Annotated[
         "--num-classes",
         "-k",
         help="K for feature files without a classifier (default: max label + 1).",
+        min=1,
+        max=MAX_CLASSES,
     ),
 ]
 
@@ -286,7 +296,8 @@ OutDirOpt = Annotated[
 DeviceOpt = Annotated[Device, typer.Option("--device", help="auto = cuda, then mps, then cpu.")]
 AmpOpt = Annotated[Amp, typer.Option("--amp", help="Autocast the forward pass (CUDA only).")]
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", "-b", min=1, help="Samples per forward pass.")
+    int,
+    typer.Option("--batch-size", "-b", min=1, max=MAX_BATCH, help="Samples per forward pass."),
 ]
 DtypeOpt = Annotated[
     FeatureDtype,
@@ -324,6 +335,7 @@ DistTimeoutOpt = Annotated[
     typer.Option(
         "--dist-timeout",
         min=0.1,
+        max=MAX_DIST_TIMEOUT,
         help="Under torchrun: minutes a rank waits for the others before failing.",
         rich_help_panel=DIST_PANEL,
     ),

@@ -4,7 +4,9 @@ A number counts when a keyword that is not part of a longer word precedes it, op
 joined by ``_``, ``=`` or ``-``: ``ep010.pt``, ``epoch=9-step=1000.ckpt``,
 ``run1_e5.h5``, ``checkpoint-500``.  Epoch keywords: ``epoch``, ``ep``, ``e``; step
 keywords: ``global_step``, ``step``, ``iteration``, ``iter``, ``it``, ``checkpoint``.
-A number stored inside the checkpoint or cache always wins over its name.
+A number stored inside the checkpoint or cache always wins over its name.  A number
+outside int64 (``ep99999999999999999999.pt``) is ignored: the epoch or step is then
+unknown, as if the name had none (it would not fit the cache's integer attributes).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["epoch_step_from_name", "strip_epoch_step"]
+__all__ = ["MAX_NUMBER", "epoch_step_from_name", "strip_epoch_step"]
 
 EPOCH_WORDS = ("epoch", "ep", "e")
 STEP_WORDS = ("global_step", "step", "iteration", "iter", "it", "checkpoint")
+#: the largest epoch or step a name may give (int64, what HDF5 attributes store)
+MAX_NUMBER = 2**63 - 1
 
 
 def _number(words: tuple[str, ...]) -> re.Pattern[str]:
@@ -37,9 +41,18 @@ _PART = re.compile(
 def epoch_step_from_name(name: str) -> tuple[int | None, int | None]:
     """``(epoch, step)`` parsed from the last component of ``name`` (``None`` when absent)."""
     stem = Path(name).name
-    e = _EPOCH.search(stem)
-    s = _STEP.search(stem)
-    return (int(e.group(1)) if e else None, int(s.group(1)) if s else None)
+    return _value(_EPOCH.search(stem)), _value(_STEP.search(stem))
+
+
+def _value(match: re.Match[str] | None) -> int | None:
+    """The matched number, or ``None`` when there is none or it exceeds int64."""
+    if match is None:
+        return None
+    digits = match.group(1).lstrip("0") or "0"
+    if len(digits) > len(str(MAX_NUMBER)):  # also keeps int() off a 5000-digit string
+        return None
+    number = int(digits)
+    return number if number <= MAX_NUMBER else None
 
 
 def strip_epoch_step(stem: str) -> str | None:

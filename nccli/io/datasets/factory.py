@@ -3,6 +3,11 @@
 ``factory`` may be a function, a Dataset class or a Dataset instance; a callable gets
 ``split=`` when its signature accepts it.  Items are read one by one (``__getitem__``);
 labels come from ``targets``/``labels`` when the dataset has them, else from the items.
+
+Importing runs code, so a spec is only imported when it clearly is an import string
+(:func:`factory_spec_problem`): ``cifar:test`` (a missing ``cifar/`` and a split) or
+``data.npz:x`` (a missing file and a member) is a path that does not exist, never a
+``cifar.py`` or ``data/`` package from the working directory.
 """
 
 from __future__ import annotations
@@ -14,11 +19,39 @@ import numpy as np
 import torch
 
 from nccli.errors import DataError, NCError
-from nccli.io._util import import_object, one_line
+from nccli.io._util import IMPORT_SPEC, import_object, one_line
 from nccli.io.datasets.base import ArrayDataset
-from nccli.io.datasets.request import DataRequest
+from nccli.io.datasets.request import SPLITS, DataRequest
 
-__all__ = ["TorchItems", "find_factory", "open_factory"]
+__all__ = ["TorchItems", "factory_spec_problem", "find_factory", "open_factory"]
+
+#: after the colon these name a split (or a subset), never a factory attribute
+SPLIT_WORDS = frozenset(
+    (*SPLITS, "training", "testing", "eval", "evaluation", "dev", "all", "full", "extra")
+)
+#: a module path with one of these parts is a data file name, never a module (only
+#: suffixes no Python module is named after: ``csv``, ``json`` or ``bin`` may be modules)
+DATA_SUFFIXES = frozenset(
+    "npz npy h5 hdf5 he5 pt pth pt2 ckpt safetensors pkl idx ubyte gz tgz bz2 xz png jpg "
+    "jpeg bmp gif tif tiff webp".split()
+)
+
+
+def factory_spec_problem(spec: str) -> str | None:
+    """Why ``spec`` is not clearly an import string ``pkg.module:factory`` (``None``: it is).
+
+    It must have the import grammar, its attribute must not be a split name (``cifar:test``
+    means the folder ``cifar``, ``train``/``test``/``val``/... are never imported) and its
+    module path must not hold a data-file suffix (``data.npz:x`` is a file).
+    """
+    if not IMPORT_SPEC.match(spec):
+        return "it is not an import string 'pkg.module:factory'"
+    module, _, attr = spec.partition(":")
+    if attr.lower() in SPLIT_WORDS:
+        return f"':{attr}' names a split, so it is not imported as 'module:factory'"
+    if any(part.lower() in DATA_SUFFIXES for part in module.split(".")[1:]):
+        return f"{module!r} is a file name, so it is not imported as a module"
+    return None
 
 
 class TorchItems:
@@ -33,7 +66,15 @@ class TorchItems:
         self.dtype = first.dtype
 
     def item(self, i: int) -> tuple[np.ndarray, Any]:
-        entry = self.dataset[i]
+        try:
+            entry = self.dataset[i]
+        except (NCError, MemoryError):
+            raise
+        except Exception as exc:  # user code: one line naming the spec and the item
+            raise DataError(
+                f"{self.where}: reading item {i} failed with {type(exc).__name__}: "
+                f"{one_line(exc)}; run with --debug for the traceback"
+            ) from exc
         if not isinstance(entry, (tuple, list)) or len(entry) < 2:
             raise DataError(
                 f"{self.where}: item {i} is a {type(entry).__name__}; the dataset must yield "
@@ -68,8 +109,11 @@ class TorchItems:
 
 
 def find_factory(req: DataRequest) -> str | None:
-    """An import string: the spec named neither a path nor a ``.npy`` pair."""
-    return req.spec if req.path is None and req.pair is None else None
+    """An import string: the spec named neither a path nor a ``.npy`` pair, and it clearly
+    is one (:func:`factory_spec_problem`)."""
+    if req.path is not None or req.pair is not None:
+        return None
+    return req.spec if factory_spec_problem(req.spec) is None else None
 
 
 def open_factory(req: DataRequest, spec: str) -> ArrayDataset:

@@ -3,6 +3,9 @@
 A spec is an existing path (file or directory), ``path:selector`` (two array names, or a
 split such as ``DIR:test``), ``x.npy,y.npy`` or an import string ``pkg.module:factory``.
 Which reader opens it is decided by :data:`nccli.io.datasets.formats.FORMATS`, not here.
+A spec that is no existing path is imported only when it clearly is an import string
+(:func:`~nccli.io.datasets.factory.factory_spec_problem`): ``cifar:test`` without a
+``cifar/`` is "no such dataset", never ``./cifar.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 from nccli.errors import DataError
 from nccli.io._util import IMPORT_SPEC
 from nccli.io.datasets.base import ArrayDataset
+from nccli.io.datasets.factory import factory_spec_problem
 from nccli.io.datasets.formats import FORMATS
 from nccli.io.datasets.request import SPLITS, DataRequest
 
@@ -77,6 +81,11 @@ def _locate(text: str) -> tuple[Path | tuple[Path, Path] | None, str | None]:
         if Path(head).exists():
             return Path(head), sel.strip() or None
         if IMPORT_SPEC.match(text):
-            return None, None
+            why = factory_spec_problem(text)
+            if why is None:
+                return None, None
+            raise DataError(
+                f"no such dataset {head}: no file or directory of that name ({why}); check the path"
+            )
         raise DataError(f"{head}: no such file or directory; check the path")
     raise DataError(f"{text}: no such file or directory; check the path")
