@@ -237,7 +237,7 @@ def b_torchscript_other_input(ws, d):
     other = zoo.build(f"mlp:in_dim=5,widths=10-,num_classes={K},head_depth=1")
     traced = torch.jit.trace(other, torch.zeros(2, 5))
     traced.save(str(d / "script.pt"))
-    return extract(d / "script.pt", ws.data, d / "out", arch="")
+    return extract(d / "script.pt", ws.data, d / "out", "--trust-checkpoint", arch="")
 
 
 def b_ckpt_is_a_cache(ws, d):

@@ -137,12 +137,17 @@ def test_truncated_safetensors(tmp_path: Path, model: nn.Module) -> None:
 def test_torchscript(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
     path = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(model), str(path))
-    loaded = load_model(path)
+    # a TorchScript archive is a program: refused without the flag, even with --arch
+    for kw in ({}, {"arch": ARCH}):
+        with pytest.raises(UnsafeCheckpointError, match="--trust-checkpoint") as err:
+            load_model(path, **kw)
+        assert str(path) in str(err.value) and "TorchScript" in str(err.value)
+    loaded = load_model(path, trust_checkpoint=True)
     assert loaded.format == "torchscript"
     assert loaded.arch is None
     assert same_outputs(loaded, model, x)
     # with --arch the weights go into the zoo model (hookable submodules)
-    rebuilt = load_model(path, arch=ARCH)
+    rebuilt = load_model(path, arch=ARCH, trust_checkpoint=True)
     assert rebuilt.format == "torchscript"
     assert type(rebuilt.module).__name__ == "MLP"
     assert same_outputs(rebuilt, model, x)
@@ -155,10 +160,15 @@ def _export(model: nn.Module, x: torch.Tensor, path: Path) -> None:
 def test_torch_export(tmp_path: Path, model: nn.Module, x: torch.Tensor) -> None:
     path = tmp_path / "exported.bin"  # detected by content, not by the .pt2 extension
     _export(model, x, path)
-    loaded = load_model(path)
+    # an exported program is code: refused without the flag, even with --arch
+    for kw in ({}, {"arch": ARCH}):
+        with pytest.raises(UnsafeCheckpointError, match="--trust-checkpoint") as err:
+            load_model(path, **kw)
+        assert str(path) in str(err.value) and "torch.export" in str(err.value)
+    loaded = load_model(path, trust_checkpoint=True)
     assert loaded.format == "export"
     assert same_outputs(loaded, model, x)
-    rebuilt = load_model(path, arch=ARCH)
+    rebuilt = load_model(path, arch=ARCH, trust_checkpoint=True)
     assert type(rebuilt.module).__name__ == "MLP"
     assert same_outputs(rebuilt, model, x)
 

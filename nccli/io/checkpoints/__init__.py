@@ -7,16 +7,19 @@ its extension (``format`` in the result in brackets):
   dict, possibly nested under ``state_dict``/``model``/``model_state_dict``/``net``/
   ``module``, loaded into ``arch`` or ``model`` [``state_dict``]; a whole pickled
   ``nn.Module`` only with ``trust_checkpoint=True`` [``pickle``]
-- zip with ``code/`` or ``constants.pkl``: ``torch.jit.load`` [``torchscript``]
+- zip with ``code/`` or ``constants.pkl``: ``torch.jit.load``, only with
+  ``trust_checkpoint=True`` [``torchscript``]
 - zip with ``archive_format`` = ``pt2`` or ``models/*.json``:
-  ``torch.export.load(...).module()`` [``export``]
+  ``torch.export.load(...).module()``, only with ``trust_checkpoint=True`` [``export``]
 - 8-byte little-endian length + JSON header: the ``safetensors`` package, whose
   ``__metadata__`` may carry ``epoch``/``step`` [``safetensors``]
 
 Nothing is unpickled outside the weights-only unpickler unless ``trust_checkpoint`` is
 set: a file that needs it raises :class:`~nccli.errors.UnsafeCheckpointError` naming the
-globals it would import.  ``torch.export`` archives are screened the same way before
-``torch.export.load`` (which would otherwise fall back to full unpickling on its own).
+globals it would import.  TorchScript and ``torch.export`` archives are programs (loading
+one runs code stored in it), so they too need ``trust_checkpoint``; a state dict or
+safetensors file never does.  Every zip is first screened by :mod:`.zipscreen` (no
+duplicate, overlapping or stray members), so what nccli inspects is what torch reads.
 When ``arch`` or ``model`` is given for a TorchScript, export or pickled-module file, that
 architecture is built and the file's weights are loaded into it, so the result has the
 named submodules hooks need.
@@ -24,8 +27,8 @@ named submodules hooks need.
 Modules: :mod:`.base` (the reader contract, shared helpers), :mod:`.pickled`
 (``torch.save``), :mod:`.tensors` (safetensors), :mod:`.archives` (TorchScript, export),
 :mod:`.formats` (the ordered table of formats: add a new one there) and :mod:`.weights`
-(loading weights into ``--arch``/``--model``); this module checks the file and assembles
-the result.
+(loading weights into ``--arch``/``--model``), :mod:`.zipscreen` (one view of a zip for
+every reader); this module checks the file and assembles the result.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import torch
 from torch import nn
 
 import nccli.zoo as zoo
-from nccli.errors import CheckpointError, UsageError
-from nccli.io._util import file_sha256
+from nccli.errors import CheckpointError, DataError, UsageError
+from nccli.io._util import check_input_file, file_sha256
 from nccli.io.checkpoints.base import CheckpointFormat, Contents, as_int
 from nccli.io.checkpoints.formats import FORMATS, detect_format
 from nccli.io.checkpoints.pickled import WRAPPER_KEYS
@@ -93,7 +96,7 @@ def load_model(
     :class:`~nccli.errors.CheckpointError` for a missing, empty, truncated or foreign file
     and for weights that do not fit the architecture (names listed),
     :class:`~nccli.errors.UnsafeCheckpointError` when the file needs arbitrary unpickling
-    and ``trust_checkpoint`` is false, and :class:`~nccli.errors.UsageError` for a bad
+    or is a TorchScript/``torch.export`` program and ``trust_checkpoint`` is false, and :class:`~nccli.errors.UsageError` for a bad
     ``arch``/``model`` or when neither is given for a state dict.
     """
     p = Path(path)
@@ -112,10 +115,16 @@ def load_model(
 
 
 def _check_file(p: Path) -> None:
+    """Refuse a path that is not a readable, non-empty regular file before anything opens
+    it (a FIFO would hang the read, a device never end)."""
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint file; check the path")
     if p.is_dir():
         raise CheckpointError(f"{p}: is a directory; pass the checkpoint file inside it")
+    try:
+        check_input_file(p, "checkpoint")
+    except DataError as exc:
+        raise CheckpointError(str(exc)) from None
     if not os.access(p, os.R_OK):
         raise CheckpointError(
             f"{p}: not readable (permission denied); fix its permissions (chmod u+r) or "
@@ -129,15 +138,19 @@ def _check_file(p: Path) -> None:
 
 
 def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
-    """Epoch and step: stored in the file (dict entries, then metadata), else from the name."""
+    """Epoch and step: stored in the file (dict entries, then metadata), else from the name.
+
+    A stored value that cannot be an epoch or step (see :func:`~.base.as_int`: negative,
+    beyond int64, not ASCII digits) is not used, so the name decides; a number in the
+    name beyond int64 is not used either (a cache records it as an int64)."""
     epoch, step = got.epoch, got.step
     if epoch is None:
         epoch = as_int(got.meta.get("epoch"))
     if step is None:
         step = as_int(got.meta.get("step", got.meta.get("global_step")))
     name_epoch, name_step = epoch_step_from_name(p.name)
-    epoch = name_epoch if epoch is None else epoch
-    step = name_step if step is None else step
+    epoch = as_int(name_epoch) if epoch is None else epoch
+    step = as_int(name_step) if step is None else step
     return epoch, step
 
 

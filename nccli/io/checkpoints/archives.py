@@ -1,9 +1,14 @@
 """TorchScript (``torch.jit.save``) and ``torch.export`` (``.pt2``) zip archives.
 
-Both hold a whole program.  A ``.pt2`` is screened before ``torch.export.load``, which
-would otherwise fall back to full unpickling on its own: every pickled payload inside it
-must pass the weights-only unpickler, and opaque pickled objects are refused outright,
-unless ``trust_checkpoint`` is set.
+Both hold a whole program, and loading one runs part of it: ``torch.jit.load`` calls
+the archive's own ``__setstate__`` methods, which may call operators such as
+``aten::from_file(shared=True)`` that map and overwrite any file; ``torch.export.load``
+falls back to full unpickling by itself for payloads it cannot load weights-only.  So
+both are treated as code: without ``trust_checkpoint`` they are refused before
+``torch.jit.load``/``torch.export.load`` runs, whatever the file is called (the format
+is read from the bytes).  A ``.pt2``'s pickled payloads are still checked with the
+weights-only unpickler so the refusal can name what a payload asks for.  Re-saving the
+weights as a state dict or safetensors avoids the flag.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import torch
 from torch import nn
 
 from nccli.errors import UnsafeCheckpointError
-from nccli.io._util import one_line
 from nccli.io.checkpoints.base import Contents, Probe, corrupt
 from nccli.io.checkpoints.pickled import unsafe_globals
 
 __all__ = ["is_export", "is_torchscript", "read_export", "read_torchscript"]
+
+_MAX_SCANNED = 64 * 1024 * 1024  # bytes of one .pt2 member read for the refusal's message
 
 
 def is_export(probe: Probe) -> bool:
@@ -42,11 +48,24 @@ def is_torchscript(probe: Probe) -> bool:
 
 
 def read_torchscript(p: Path, trust: bool, map_location: Any) -> Contents:
+    if not trust:
+        raise _needs_trust(p, "TorchScript", "its methods can call operators that write files")
     return Contents("torchscript", whole=_read_torchscript(p, map_location))
 
 
 def read_export(p: Path, trust: bool, map_location: Any) -> Contents:
-    return Contents("export", whole=_read_export(p, trust))
+    if not trust:
+        detail = _export_needs_trust(p) or "torch.export may unpickle arbitrary objects"
+        raise _needs_trust(p, "torch.export (.pt2)", detail)
+    return Contents("export", whole=_read_export(p))
+
+
+def _needs_trust(p: Path, kind: str, detail: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{p}: is a {kind} program, and loading one runs code stored in it ({detail}); pass "
+        "--trust-checkpoint only if you trust the source, or load its weights from a state "
+        "dict or safetensors file with --arch/--model"
+    )
 
 
 def _read_torchscript(p: Path, map_location: Any) -> nn.Module:
@@ -58,14 +77,7 @@ def _read_torchscript(p: Path, map_location: Any) -> nn.Module:
         raise corrupt(p, "TorchScript archive", exc) from exc
 
 
-def _read_export(p: Path, trust: bool) -> nn.Module:
-    if not trust:
-        reason = _export_needs_trust(p)
-        if reason is not None:
-            raise UnsafeCheckpointError(
-                f"{p}: this torch.export archive needs arbitrary unpickling ({reason}), which "
-                "can execute code; pass --trust-checkpoint only if you trust the source"
-            )
+def _read_export(p: Path) -> nn.Module:
     try:
         return torch.export.load(str(p)).module()
     except Exception as exc:
@@ -73,35 +85,52 @@ def _read_export(p: Path, trust: bool) -> nn.Module:
 
 
 def _export_needs_trust(p: Path) -> str | None:
-    """Check every pickled payload in a ``.pt2`` with the weights-only unpickler."""
-    with zipfile.ZipFile(p) as zf:
-        names = zf.namelist()
-        pickled: list[str] = [n for n in names if n.endswith(".pt")]
-        for name in names:
-            base = name.rsplit("/", 1)[-1]
-            if base.startswith("opaque_obj_"):
-                return f"{name} is a plain pickle"
-            if not name.endswith("_config.json") or "/data/" not in f"/{name}":
-                continue
-            try:
-                config = json.loads(zf.read(name)).get("config", {})
-            except (ValueError, AttributeError):
-                continue
-            folder = name.rsplit("/", 1)[0]
-            for entry in config.values() if isinstance(config, dict) else []:
-                if isinstance(entry, dict) and entry.get("use_pickle"):
-                    path_name = str(entry.get("path_name", ""))
-                    if path_name.startswith("opaque_obj_"):
-                        return f"{path_name} is a plain pickle"
-                    if not path_name.startswith("custom_obj_"):
-                        pickled.append(f"{folder}/{path_name}")
-        for name in pickled:
-            if name not in names:
-                continue
-            buf = io.BytesIO(zf.read(name))
-            try:
-                torch.load(buf, weights_only=True)
-            except Exception as exc:
-                buf.seek(0)
-                return f"{name}: {unsafe_globals(buf, exc) or one_line(exc, 80)}"
+    """What in a ``.pt2`` needs full unpickling (checked with the weights-only unpickler),
+    for the refusal's message; ``None`` when nothing does or the check cannot tell (the
+    archive is refused either way).  Members over 64 MB are not read."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return _unsafe_payload(zf)
+    except Exception:  # advisory only: a file this cannot parse is still refused
+        return None
+
+
+def _read_small(zf: zipfile.ZipFile, name: str) -> bytes | None:
+    info = zf.getinfo(name)
+    return None if info.file_size > _MAX_SCANNED else zf.read(info)
+
+
+def _unsafe_payload(zf: zipfile.ZipFile) -> str | None:
+    names = zf.namelist()
+    pickled: list[str] = [n for n in names if n.endswith(".pt")]
+    for name in names:
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("opaque_obj_"):
+            return f"{name} is a plain pickle"
+        if not name.endswith("_config.json") or "/data/" not in f"/{name}":
+            continue
+        raw = _read_small(zf, name)
+        try:
+            config = json.loads(raw or b"{}").get("config", {})
+        except (ValueError, AttributeError, RecursionError):
+            continue
+        folder = name.rsplit("/", 1)[0]
+        for entry in config.values() if isinstance(config, dict) else []:
+            if isinstance(entry, dict) and entry.get("use_pickle"):
+                path_name = str(entry.get("path_name", ""))
+                if path_name.startswith("opaque_obj_"):
+                    return f"{path_name} is a plain pickle"
+                if not path_name.startswith("custom_obj_"):
+                    pickled.append(f"{folder}/{path_name}")
+    for name in pickled:
+        raw = _read_small(zf, name) if name in names else None
+        if raw is None:
+            continue
+        buf = io.BytesIO(raw)
+        try:
+            torch.load(buf, weights_only=True)
+        except Exception as exc:
+            buf.seek(0)
+            found = unsafe_globals(buf, exc) or "it cannot be loaded weights-only"
+            return f"{name}: {found}"
     return None

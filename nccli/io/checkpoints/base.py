@@ -19,7 +19,7 @@ from torch import nn
 from nccli.errors import CheckpointError
 from nccli.io._util import one_line
 
-__all__ = ["CheckpointFormat", "Contents", "Probe", "as_int", "corrupt", "names"]
+__all__ = ["MAX_COUNT", "CheckpointFormat", "Contents", "Probe", "as_int", "corrupt", "names"]
 
 
 @dataclass(frozen=True)
@@ -72,18 +72,29 @@ def names(items: Iterable[str], limit: int = 5) -> str:
     return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
 
 
+#: the largest epoch/step a cache can record (an HDF5 int64 attribute)
+MAX_COUNT = 2**63 - 1
+
+
 def as_int(value: Any) -> int | None:
-    """An epoch/step number from an int, whole float, 0-d tensor or digit string."""
+    """An epoch/step number from an int, whole float, 0-d tensor or ASCII digit string;
+    ``None`` for anything that cannot be one: negative, beyond int64 (``1e300``, a
+    100-digit string), a non-ASCII digit (``"²"``), a bool or a non-number."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
+        if value.numel() != 1 or value.is_complex():
             return None
         value = value.item()
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, int):
+    if isinstance(value, float):
+        if not (value.is_integer() and 0 <= value <= MAX_COUNT):
+            return None
+        value = int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 19):
+            return None
+        value = int(text)
+    if isinstance(value, int) and 0 <= value <= MAX_COUNT:
         return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
     return None

@@ -11,6 +11,7 @@ safetensors header length may start with the pickle opcode byte, so both come be
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 
 from nccli.errors import CheckpointError
@@ -18,6 +19,7 @@ from nccli.io.checkpoints.archives import is_export, is_torchscript, read_export
 from nccli.io.checkpoints.base import CheckpointFormat, Probe, corrupt
 from nccli.io.checkpoints.pickled import is_torch, read_torch
 from nccli.io.checkpoints.tensors import is_safetensors, read_safetensors
+from nccli.io.checkpoints.zipscreen import screen_zip
 
 __all__ = ["FORMATS", "detect_format", "probe"]
 
@@ -54,20 +56,30 @@ def detect_format(p: Path) -> CheckpointFormat:
 
 
 def probe(p: Path) -> Probe:
-    """The first bytes and, for a zip, its member names (below the top folder)."""
+    """The first bytes and, for a zip, its member names (below the top folder), after
+    :func:`~nccli.io.checkpoints.zipscreen.screen_zip` has refused an ambiguous archive."""
     size = p.stat().st_size
     with p.open("rb") as f:
         head = f.read(9)
     if head[:2] != b"PK":
         return Probe(p, size, head, None, None)
     archive_format: bytes | None = None
+    screen_zip(p)  # unambiguous: the members seen here are the ones torch will read
     try:
         with zipfile.ZipFile(p) as zf:
             names = zf.namelist()
             rel = {n.split("/", 1)[1] if "/" in n else n for n in names}
             if "archive_format" in rel:
-                fmt_name = next(n for n in names if n.endswith("archive_format"))
-                archive_format = zf.read(fmt_name).strip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                fmt_name = next(n for n in names if n.split("/", 1)[-1] == "archive_format")
+                with zf.open(fmt_name) as member:  # a few bytes, however large it claims to be
+                    archive_format = member.read(64).strip()
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        RuntimeError,
+        NotImplementedError,
+        zlib.error,
+    ) as exc:
         raise corrupt(p, "zip archive", exc) from exc
     return Probe(p, size, head, frozenset(rel), archive_format)

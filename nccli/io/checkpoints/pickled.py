@@ -3,7 +3,10 @@
 ``torch.load(weights_only=True)`` first; a file that needs more raises
 :class:`~nccli.errors.UnsafeCheckpointError` naming the globals it would import, unless
 ``trust_checkpoint`` is set.  A loaded dict is searched for the state dict (possibly
-nested under :data:`WRAPPER_KEYS`); its scalar entries become metadata.
+nested under :data:`WRAPPER_KEYS`, at most :data:`MAX_NESTING` levels deep: a file can
+nest dicts thousands deep, or in a cycle, which an unbounded search would answer with a
+RecursionError); its scalar entries become metadata, minus integers no metadata field
+can hold (``str()`` of a 5,000-digit int raises).
 """
 
 from __future__ import annotations
@@ -19,12 +22,21 @@ import torch
 from torch import nn
 
 from nccli.errors import CheckpointError, UnsafeCheckpointError
-from nccli.io.checkpoints.base import Contents, Probe, as_int, corrupt, names
+from nccli.io.checkpoints.base import MAX_COUNT, Contents, Probe, as_int, corrupt, names
 
-__all__ = ["WRAPPER_KEYS", "find_state_dict", "is_torch", "read_torch", "unsafe_globals"]
+__all__ = [
+    "MAX_NESTING",
+    "WRAPPER_KEYS",
+    "find_state_dict",
+    "is_torch",
+    "read_torch",
+    "unsafe_globals",
+]
 
 #: Keys under which training scripts nest the state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+#: how deep :func:`find_state_dict` looks (training scripts nest two or three levels)
+MAX_NESTING = 32
 _SCALARS = (str, int, float, bool)
 
 
@@ -43,10 +55,10 @@ def read_torch(p: Path, trust: bool, map_location: Any) -> Contents:
             f"{p}: holds a {type(obj).__name__}, not a state dict or a model; save "
             "model.state_dict() or the model itself"
         )
-    meta = {str(k): str(v) for k, v in obj.items() if isinstance(v, _SCALARS)}
+    meta = _metadata(obj)
     epoch = as_int(obj.get("epoch"))
     step = as_int(obj.get("step", obj.get("global_step")))
-    found = find_state_dict(obj)
+    found = find_state_dict(obj, p)
     if found is None:
         keys = names(str(k) for k in obj)
         raise CheckpointError(
@@ -98,14 +110,37 @@ def unsafe_globals(p: Path | io.BytesIO, exc: BaseException) -> str | None:
     return None
 
 
-def find_state_dict(obj: Mapping[str, Any]) -> Mapping[str, Any] | nn.Module | None:
-    """The state dict (or whole module) inside a checkpoint dict, searched recursively."""
+def _metadata(obj: Mapping[Any, Any]) -> dict[str, str]:
+    """The top-level str/int/float/bool entries under str keys, as strings; an int
+    beyond int64 is left out (it is no epoch or count, and ``str()`` of a huge one raises)."""
+    return {
+        k: str(v)
+        for k, v in obj.items()
+        if isinstance(k, str)
+        and isinstance(v, _SCALARS)
+        and not (isinstance(v, int) and not -MAX_COUNT <= v <= MAX_COUNT)
+    }
+
+
+def find_state_dict(
+    obj: Mapping[str, Any], p: Path | str = "checkpoint", trail: tuple[str, ...] = ()
+) -> Mapping[str, Any] | nn.Module | None:
+    """The state dict (or whole module) inside a checkpoint dict, searched recursively
+    through :data:`WRAPPER_KEYS` to :data:`MAX_NESTING` levels (``trail``: the keys
+    followed so far); deeper, or a dict that contains itself, is refused with a
+    ``CheckpointError`` naming ``p``."""
+    if len(trail) >= MAX_NESTING:
+        raise CheckpointError(
+            f"{p}: the state dict is nested more than {MAX_NESTING} dicts deep "
+            f"({'/'.join(trail[:3])}/...) or in a dict that contains itself, which no "
+            "training script writes; re-save model.state_dict()"
+        )
     for key in WRAPPER_KEYS:
         value = obj.get(key)
         if isinstance(value, nn.Module):
             return value
         if isinstance(value, Mapping) and value:
-            found = find_state_dict(value)
+            found = find_state_dict(value, p, (*trail, key))
             if found is not None:
                 return found
     if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):

@@ -3,15 +3,17 @@
 A directory with ``data_batch_*``/``test_batch`` is CIFAR-10; one with ``train``/``test``
 and ``meta`` is CIFAR-100 (fine labels).  ``cifar-10-batches-py`` and ``cifar-100-python``
 subfolders are found.  The batches are pickles, so they go through
-:class:`RestrictedUnpickler`: dicts, lists, bytes, str and numpy arrays only; any other
-global is refused before it is imported.
+:class:`RestrictedUnpickler`: dicts, lists, bytes, str and plain numeric numpy arrays
+only; any other global is refused before it is imported, and an array is built only
+once its dtype is numeric and its data length fits its shape (an object array whose
+stored items fall short of its shape made numpy read past them and crash).
 """
 
 from __future__ import annotations
 
-import codecs
-import importlib
+import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,40 +63,168 @@ def open_cifar(req: DataRequest, root: Path) -> ArrayDataset:
 
 # --------------------------------------------------------------------------- unpickling
 
+#: dtype kinds a CIFAR batch may hold: bool, signed and unsigned integers, floats
+_KINDS = "biuf"
+_MAX_DEPTH = 16  # CIFAR batches are a dict of lists and arrays: two levels
+
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickle dicts, lists, str, bytes and numpy arrays; refuse every other global."""
+    """Unpickle dicts, lists, str, bytes and plain numeric numpy arrays; refuse the rest.
+
+    Only the globals numpy's own pickles name are known, and none of them is the real
+    numpy callable: a dtype must be a plain numeric type (not object, void, structured or
+    a subarray, which could make numpy read or free memory it does not own), and an
+    array's data length must match its shape and dtype before the array is built.
+    Arrays stand in as :class:`_PendingArray` while unpickling; :meth:`load` returns
+    the object with real arrays in their place.
+    """
 
     def __init__(self, file: Any, where: Path) -> None:
         super().__init__(file, encoding="bytes")
         self.where = where
 
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _allowed_globals()
-        if (module, name) in allowed:
-            return allowed[(module, name)]
-        raise DataError(
-            f"{self.where}: refusing to unpickle {module}.{name}; CIFAR batches hold only "
-            "dicts, lists, strings and numpy arrays, so this file is not one (or was tampered with)"
+    def refuse(self, what: str) -> DataError:
+        return DataError(
+            f"{self.where}: refusing to unpickle {what}; CIFAR batches hold only dicts, lists, "
+            "strings and numeric numpy arrays, so this file is not one (or was tampered with)"
         )
 
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return lambda *args: _PendingDtype(self, *args)
+        if (module, name) == ("_codecs", "encode"):
+            return self._encode
+        if module in ("__builtin__", "builtins") and name == "bytes":
+            return self._empty_bytes
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return lambda cls, *_: self._reconstruct(cls)
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return self._frombuffer
+        raise self.refuse(f"{module}.{name}")
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    try:
-        multiarray = importlib.import_module("numpy._core.multiarray")
-        numeric = importlib.import_module("numpy._core.numeric")
-    except ImportError:  # numpy < 2
-        multiarray = importlib.import_module("numpy.core.multiarray")
-        numeric = importlib.import_module("numpy.core.numeric")
-    table: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,
-    }
-    for pkg in ("numpy.core", "numpy._core"):
-        table[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        table[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer
-    return table
+    def load(self) -> Any:
+        obj = super().load()
+        return _resolve(obj, self, 0, {})
+
+    def _encode(self, text: Any, encoding: Any = "utf-8", *_: Any) -> bytes:
+        """``_codecs.encode(str, 'latin1')``: how protocol 2 writes bytes."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise self.refuse(
+                f"_codecs.encode of a {type(text).__name__} as {str(encoding)[:20]!r}"
+            )
+        return text.encode("latin1")
+
+    def _empty_bytes(self, *args: Any) -> bytes:
+        """``bytes()``: how protocol 2 writes ``b""`` (an empty array's data)."""
+        if args:
+            raise self.refuse("bytes() with arguments")
+        return b""
+
+    def _reconstruct(self, cls: Any) -> _PendingArray:
+        if cls is not _NDARRAY:
+            raise self.refuse("an array of a class other than numpy.ndarray")
+        return _PendingArray(self)
+
+    def _frombuffer(self, buf: Any, dtype: Any, shape: Any, order: Any = "C") -> np.ndarray:
+        """Protocol 5's ``_frombuffer(buffer, dtype, shape, order)``, checked."""
+        if order not in ("C", "F"):
+            raise self.refuse(f"an array of order {order!r}")
+        return _build_array(self, buf, dtype, shape, order == "F")
+
+
+_NDARRAY = object()  # stands for numpy.ndarray: only ever an argument of _reconstruct
+
+
+class _PendingDtype:
+    """A pickled ``numpy.dtype(spec, align, copy)`` whose state is not set yet."""
+
+    def __init__(self, up: RestrictedUnpickler, spec: Any = None, *_: Any) -> None:
+        self.up = up
+        text = spec.decode("latin1") if isinstance(spec, bytes) else spec
+        if not (isinstance(text, str) and re.fullmatch(r"b1|[iu][1248]|f[248]", text)):
+            raise up.refuse(f"numpy dtype {str(spec)[:40]!r} (only numeric dtypes)")
+        self.dtype = np.dtype(text)
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not (isinstance(state, tuple) and len(state) >= 5) or state[2:5] != (None,) * 3:
+            raise self.up.refuse("a structured or subarray numpy dtype")
+        if len(state) >= 8 and state[7] != 0:
+            raise self.up.refuse("a numpy dtype with object flags")
+        order = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
+        if order not in ("<", ">", "|", "="):
+            raise self.up.refuse(f"a numpy dtype of byte order {str(order)[:10]!r}")
+        self.dtype = self.dtype.newbyteorder(order) if order in "<>" else self.dtype
+
+
+class _PendingArray:
+    """``_reconstruct(ndarray, ...)``: the array is built by :meth:`__setstate__`."""
+
+    def __init__(self, up: RestrictedUnpickler) -> None:
+        self.up = up
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, shape, dtype, is_fortran, data), or the same without the version
+        if isinstance(state, tuple) and len(state) == 4:
+            state = (1, *state)
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise self.up.refuse("an array with a malformed state")
+        _, shape, dtype, fortran, data = state
+        self.array = _build_array(self.up, data, dtype, shape, bool(fortran))
+
+
+def _build_array(
+    up: RestrictedUnpickler, data: Any, dtype: Any, shape: Any, fortran: bool
+) -> np.ndarray:
+    """An array of ``shape`` and ``dtype`` from ``data``, once its length fits exactly."""
+    if not isinstance(dtype, _PendingDtype) or dtype.dtype.kind not in _KINDS:
+        raise up.refuse("an array whose dtype is not a plain numeric one")
+    if not isinstance(data, (bytes, bytearray)):
+        raise up.refuse(f"an array whose data is a {type(data).__name__}, not bytes")
+    if not (
+        isinstance(shape, tuple)
+        and len(shape) <= 32
+        and all(type(s) is int and s >= 0 for s in shape)
+    ):
+        raise up.refuse(f"an array of shape {str(shape)[:60]}")
+    need = math.prod(shape) * dtype.dtype.itemsize
+    if len(data) != need:
+        raise up.refuse(
+            f"an array of shape {shape} {dtype.dtype} stored in {len(data)} bytes (it needs {need})"
+        )
+    flat = np.frombuffer(data, dtype=dtype.dtype)
+    return flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _resolve(obj: Any, up: RestrictedUnpickler, depth: int, done: dict[int, Any]) -> Any:
+    """``obj`` with every pending array replaced by its array (and a dtype by its dtype);
+    ``done`` maps the id of each container already resolved to its result, so an object
+    the pickle shares many times is resolved once."""
+    if depth > _MAX_DEPTH:
+        raise up.refuse(f"containers nested more than {_MAX_DEPTH} deep (or containing themselves)")
+    if isinstance(obj, _PendingArray):
+        if obj.array is None:
+            raise up.refuse("an array without its data")
+        return obj.array
+    if isinstance(obj, _PendingDtype):
+        return obj.dtype
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    if id(obj) in done:
+        return done[id(obj)]
+    if isinstance(obj, dict):
+        out: Any = {
+            _resolve(k, up, depth + 1, done): _resolve(v, up, depth + 1, done)
+            for k, v in obj.items()
+        }
+    else:
+        items = [_resolve(v, up, depth + 1, done) for v in obj]
+        out = items if isinstance(obj, list) else tuple(items)
+    done[id(obj)] = out
+    return out
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -125,10 +255,24 @@ def _cifar_arrays(files: list[Path], label_key: str) -> tuple[np.ndarray, np.nda
                 f"{f}: CIFAR 'data' is {data.shape} {data.dtype}; expected (N, 3072) uint8"
             )
         xs.append(data.reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels))
+        ys.append(_labels(f, labels, label_key))
         if len(ys[-1]) != len(xs[-1]):
             raise DataError(f"{f}: {len(xs[-1])} images but {len(ys[-1])} labels")
     return np.concatenate(xs), np.concatenate(ys)
+
+
+def _labels(f: Path, labels: Any, label_key: str) -> np.ndarray:
+    """The labels as a 1-d int64 array: a list of ints, or an integer array."""
+    if isinstance(labels, list) and all(type(v) is int for v in labels):
+        if labels and not -(2**63) <= min(labels) <= max(labels) < 2**63:
+            raise DataError(f"{f}: CIFAR {label_key!r} holds integers beyond int64")
+        return np.asarray(labels, dtype=np.int64)
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    raise DataError(
+        f"{f}: CIFAR {label_key!r} is not a list of integers ({type(labels).__name__}); "
+        "the batch is damaged or not CIFAR"
+    )
 
 
 def _names_from(meta_file: Path, key: str) -> list[str] | None:
