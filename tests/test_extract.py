@@ -166,7 +166,11 @@ def test_checkpoint_formats_and_prefixes(tmp_path, data, model):
     for name, save in ckpts.items():
         save(tmp_path / name)
         paths.append(tmp_path / name)
-    out = run(paths, data, tmp_path / "out")
+    for program in paths[2:]:  # TorchScript and torch.export are code: refused without the flag
+        with pytest.raises(DataError, match="--trust-checkpoint"):
+            run([program], data, tmp_path / "refused")
+        assert not list((tmp_path / "refused").glob("*.h5"))
+    out = run(paths, data, tmp_path / "out", trust_checkpoint=True)
     assert [p.name for p in out] == ["ddp.h5", "compiled.h5", "scripted.h5", "exported.h5"]
     ref = reference(model, data)
     for p in out:
