@@ -79,7 +79,8 @@ def _read_torchscript(p: Path, map_location: Any) -> nn.Module:
 
 def _read_export(p: Path) -> nn.Module:
     try:
-        return torch.export.load(str(p)).module()
+        with p.open("rb") as f:  # a file object: torch warns about a path not ending in .pt2
+            return torch.export.load(f).module()
     except Exception as exc:
         raise corrupt(p, "torch.export archive", exc) from exc
 
