@@ -183,9 +183,9 @@ def test_shards_measure_as_one(tmp_path):
     W = rng.normal(size=(K, 5))
     for r, sl in enumerate((slice(0, 50), slice(50, N))):
         spec = [LayerSpec("fc", 5, module="fc", role="penultimate", weight=W)]
-        w = CacheWriter(
-            tmp_path / f"x.rank{r}.h5", spec, sl.stop - sl.start, K, attrs={"classifier": "fc"}
-        )
+        shard = {"rank": r, "world_size": 2, "row_start": sl.start, "row_stop": sl.stop}
+        attrs = {"classifier": "fc", **shard, "total_samples": N}  # names alone make no set
+        w = CacheWriter(tmp_path / f"x.rank{r}.h5", spec, sl.stop - sl.start, K, attrs=attrs)
         w.write_rows(0, y[sl], np.arange(N)[sl], {"fc": H[sl].astype(np.float32)})
         w.finalize({"fc": ClassStats.from_arrays(H[sl].astype(np.float32), y[sl], K)})
     np.savez(tmp_path / "all.npz", features=H.astype(np.float32), labels=y, weight=W)

@@ -311,7 +311,10 @@ def test_logits_must_cover_the_labels(tmp_path, model):
     y = np.arange(40) % 5
     np.savez(tmp_path / "d5.npz", x=np.zeros((40, D), np.float32), y=y)
     ckpt = save_state(model, tmp_path / "m.pt")
-    with pytest.raises(DataError, match="outputs 3 logits but .*labels up to 4"):
+    with pytest.raises(
+        DataError,
+        match=r"d5.npz: has labels up to 4 but the model .*m.pt outputs 3 logits .*the dataset is the likely culprit",
+    ):
         run([ckpt], tmp_path / "d5.npz", tmp_path / "out")
     _no_files(tmp_path / "out")
     # fewer classes present than logits is fine: K comes from the classifier

@@ -156,8 +156,14 @@ def test_measure_refuses_a_tampered_layer_by_name(cache: Path) -> None:
 
 def test_tampered_shard_is_named(tmp_path: Path, cache: Path) -> None:
     shards = [tmp_path / "run.rank0.h5", tmp_path / "run.rank1.h5"]
-    for p in shards:
+    for rank, p in enumerate(shards):
         shutil.copy(cache, p)
+        with h5py.File(p, "r+") as f:  # shard attributes: names alone do not make a set
+            n = int(f.attrs["num_samples"])
+            f.attrs.update(
+                rank=rank, world_size=2, row_start=rank * n, row_stop=(rank + 1) * n,
+                total_samples=2 * n,
+            )  # fmt: skip
     _rewrite_stats(shards[1], "classifier", lambda a: a["means"].__iadd__(1.0), resign=False)
     res = runner.invoke(app, ["measure", str(shards[0]), str(shards[1]), "-f", "csv"])
     assert res.exit_code == 1

@@ -9,12 +9,19 @@ GPU when there is one), so the statistics in the cache equal the statistics reco
 from the cached features.  Rows go to ``<out>/<stem>.h5.partial`` through the background
 writer; a killed run leaves a consistent partial that ``resume`` continues from
 ``rows_read``; the file is renamed to ``<stem>.h5`` only when complete.
+
+The inputs' values are hashed as they are read (:class:`~nccli.io.datasets.base.InputsHash`,
+in the loader): the partial records the digests of the rows read so far, the finished
+cache their digest ``dataset_content_sha256``.  A finished cache is skipped only when that
+digest still matches the data (hashed once per call, without the model); ``--resume``
+re-hashes the rows a partial holds and refuses when they no longer match.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +41,10 @@ from nccli.extract.devices import (
     stats_device,
 )
 from nccli.extract.discovery import Discovery, discover_layers, logits_of
-from nccli.extract.pipeline import BackgroundWriter, Rows, iter_rows, prefetch, to_host
+from nccli.extract.pipeline import BackgroundWriter, Rows, prefetch, to_host
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_resumable
+from nccli.io.cache.state import inputs_record, record_inputs
 from nccli.report.console import print_notes
 from nccli.stats import ClassStats
 
@@ -125,6 +133,7 @@ class Runner:
         n_probe = min(len(ds), PROBE_SAMPLES)
         self.probe = next(iter(ds.iter_batches(n_probe)))[0]
         self.max_label = int(np.max(ds.labels)) if len(ds.labels) else -1
+        self._digests: dict[tuple[int, int], str] = {}  # inputs' digest per row range
 
     def note(self, text: str) -> None:
         """One note on stderr (unless notes are off)."""
@@ -141,21 +150,49 @@ class Runner:
             **shard_attrs(cfg, len(self.ds)),
         }
 
+    def inputs_digest(self, start: int, stop: int) -> str:
+        """The digest of the inputs of rows ``start:stop``: from this call's extraction of
+        them, else by reading them once (no model)."""
+        key = (start, stop)
+        if key not in self._digests:
+            inputs = self.ds.hash_inputs(self.ds.inputs_hash(start, stop), stop)
+            self._digests[key] = inputs.hexdigest()
+        return self._digests[key]
+
+    def _unchanged(self, out_path: Path, have: dict[str, Any], start: int, stop: int) -> bool:
+        """Whether the finished cache was made from these very inputs (skip it); a note
+        saying why it is extracted again when not."""
+        stored = have.get("dataset_content_sha256")
+        if stored is None:
+            self.note(
+                f"{out_path}: written by an nccli that did not record the inputs' values, so "
+                f"whether {self.data} changed since cannot be told; extracting it again"
+            )
+            return False
+        if stored != self.inputs_digest(start, stop):
+            self.note(
+                f"{out_path}: the inputs in {self.data} changed since this cache was "
+                "extracted (same labels, other values); extracting it again"
+            )
+            return False
+        self.note(f"{out_path}: already extracted, skipped (pass --overwrite to redo it)")
+        return True
+
     # ------------------------------------------------------------------ per checkpoint
     def one(self, ckpt: Path, out_path: Path) -> Path:
         """Extract ``ckpt`` into ``out_path`` (or skip it when already done); the path."""
         cfg = self.cfg
+        start, stop = row_range(len(self.ds), cfg.rank, cfg.world_size)
         if out_path.exists() and not cfg.overwrite and ckpt.is_file():
             want = {**self._want(file_sha256(ckpt)), "split": self.split}
-            if existing_matches(out_path, want):
-                self.note(f"{out_path}: already extracted, skipped (pass --overwrite to redo it)")
+            have = existing_matches(out_path, want)
+            if have is not None and self._unchanged(out_path, have, start, stop):
                 return out_path
         m = self._load(ckpt)
-        start, stop = row_range(len(self.ds), cfg.rank, cfg.world_size)
-        writer, stats = self._open(out_path, m, start, stop, str(ckpt))
+        writer, stats, inputs = self._open(out_path, m, start, stop, str(ckpt))
         tmp = partial_path(out_path)
         try:
-            return self._stream(m, writer, stats, str(ckpt), start, stop)
+            return self._stream(m, writer, stats, str(ckpt), inputs)
         except BaseException as exc:
             rows = _rows_done(writer)
             if not isinstance(exc, NCError) and getattr(writer, "h5", None) is not None and rows:
@@ -186,9 +223,10 @@ class Runner:
         K = disc.num_logits
         if K != self.ds.num_classes and self.max_label + 1 > K:
             raise DataError(
-                f"{src}: the model outputs {K} logits but {self.data} has labels up to "
-                f"{self.max_label} ({self.ds.num_classes} classes); check num_classes in "
-                "--arch/--model or the dataset"
+                f"{self.data}: has labels up to {self.max_label} but the model {src} outputs "
+                f"{K} logits (classes 0..{K - 1}); the dataset is the likely culprit: check "
+                "its labels and that --data and --split are the data this model was trained "
+                "on (or, if the model really has more classes, num_classes in --arch/--model)"
             )
         return _Model(
             module,
@@ -201,8 +239,8 @@ class Runner:
             loaded.step,
         )
 
-    def _attrs(self, ckpt: Path, m: _Model, start: int) -> dict[str, Any]:
-        """The root attributes recorded with the cache."""
+    def _attrs(self, ckpt: Path, m: _Model, start: int, inputs: Any) -> dict[str, Any]:
+        """The root attributes recorded with the cache (``inputs``: the fresh hash)."""
         cfg = self.cfg
         return {
             "checkpoint": str(ckpt.resolve()),
@@ -225,20 +263,52 @@ class Runner:
             "batch_size": cfg.batch_size,
             "row_start": start,
             **shard_attrs(cfg, len(self.ds)),
+            "dataset_block_rows": inputs.block,
+            "dataset_hashed_rows": inputs.rows,
+            "dataset_block_sha256": inputs.blocks(),
         }
+
+    def _resumed_inputs(self, tmp: Path, attrs: dict[str, Any], start: int, stop: int) -> Any:
+        """The inputs' hash at the partial's last row, once the rows it holds are checked
+        against the data (read again, no model); a CacheError when they no longer match
+        or cannot be checked (the partial is left as it is)."""
+        rows = int(attrs.get("rows_read", attrs.get("rows_done", 0)))
+        inputs = self.ds.inputs_hash(start, stop)
+        rec = inputs_record(attrs)
+        if rec is None or rec[1] != rows:
+            if rows == 0:
+                return inputs
+            raise CacheError(
+                f"{tmp}: cannot resume: the partial has no record of its inputs' values "
+                f"(written by an older nccli), so its {rows} rows cannot be checked against "
+                f"{self.data}; delete the partial or run without --resume"
+            )
+        self.ds.hash_inputs(inputs, start + rows)
+        if rec[0] != inputs.block or not np.array_equal(rec[2], inputs.blocks()):
+            raise CacheError(
+                f"{tmp}: cannot resume: the {rows} rows already in the partial no longer "
+                f"match {self.data} (its inputs changed since they were extracted); delete "
+                "the partial or run without --resume"
+            )
+        return inputs
 
     def _open(
         self, out_path: Path, m: _Model, start: int, stop: int, src: str
-    ) -> tuple[CacheWriter, dict[str, ClassStats]]:
-        """A writer on a resumed partial (with the statistics of its rows) or a fresh one."""
+    ) -> tuple[CacheWriter, dict[str, ClassStats], Any]:
+        """A writer on a resumed partial (with the statistics of its rows) or a fresh one,
+        and the inputs' hash positioned at its first row still to read."""
         cfg = self.cfg
         tmp = partial_path(out_path)
         names = [c.name for c in m.disc.layers]
-        resuming = (
-            cfg.resume and tmp.exists() and partial_resumable(tmp, self._want(m.sha256), names)
+        found = (
+            partial_resumable(tmp, self._want(m.sha256), names)
+            if cfg.resume and tmp.exists()
+            else None
         )
+        resuming = found is not None
         if tmp.exists() and not resuming:
             self.note(f"{tmp}: starting over (an unfinished cache was there)")
+        inputs = self._resumed_inputs(tmp, found, start, stop) if found is not None else None
 
         def open_writer(resume: bool) -> CacheWriter:
             return CacheWriter(
@@ -246,7 +316,7 @@ class Runner:
                 m.disc.layers,
                 stop - start,
                 m.disc.num_logits,
-                attrs=self._attrs(Path(src), m, start),
+                attrs=self._attrs(Path(src), m, start, self.ds.inputs_hash(start, stop)),
                 feature_dtype=cfg.feature_dtype,
                 logits=True,
                 resume=resume,
@@ -258,18 +328,15 @@ class Runner:
                 writer = open_writer(True)
                 stats = self._restore_stats(writer, m.disc, src)
                 self.note(f"{tmp}: resuming at row {writer.rows_done} of {stop - start}")
-                return writer, stats
+                return writer, stats, inputs
             except (OSError, KeyError, ValueError, CacheError, DataError) as exc:
                 if writer is not None:
                     writer.close()
                 self.note(f"{tmp}: cannot resume ({one_line(exc, 120)}); starting over")
+        writer = open_writer(False)  # a writer that fails to set up removes what it made
         try:
-            writer = open_writer(False)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a fresh file that failed to set up is garbage
-            raise
-        try:
-            return writer, self._restore_stats(writer, m.disc, src)
+            fresh = self.ds.inputs_hash(start, stop)
+            return writer, self._restore_stats(writer, m.disc, src), fresh
         except BaseException:
             writer.abort()
             raise
@@ -300,12 +367,13 @@ class Runner:
         writer: CacheWriter,
         stats: dict[str, ClassStats],
         src: str,
-        start: int,
-        stop: int,
+        inputs: Any,
     ) -> Path:
-        """Every remaining row of ``start:stop`` through the model; the finished path."""
+        """Every remaining row of ``inputs.start:inputs.stop`` through the model, the
+        inputs hashed as they are read; the finished path."""
         cfg = self.cfg
         cuda = cfg.device.type == "cuda"
+        start, stop = inputs.start, inputs.stop
         done, read = writer.rows_done, writer.rows_read  # read > done: rows were dropped
         skipped = writer.skipped_nonfinite
         if cfg.skip_nonfinite and skipped is None:
@@ -316,19 +384,21 @@ class Runner:
             task = self.progress.add_task(escape(Path(src).name), total=N, completed=read)
 
         def prepare(batch: Any) -> Any:
-            x, y, idx = batch
+            x, y, idx, hashed = batch
             x = x.to(dtype=m.x_dtype)
-            return (x.pin_memory() if cuda else x), y, idx
+            return (x.pin_memory() if cuda else x), y, idx, hashed
 
         cap = Capture(m.module, m.disc.layers, src)
-        bg = BackgroundWriter(writer)
+        rec = _RecordingWriter(writer, inputs.block)
+        bg = BackgroundWriter(rec)  # duck-typed: it calls write_rows and names tmp
         row = done
         try:
-            batches = iter_rows(self.ds, start + read, stop, cfg.batch_size)
-            for x, y, idx in prefetch(batches, self.prefetch, prepare):
+            batches = _hashed(self.ds, inputs, start + read, cfg.batch_size)
+            for x, y, idx, hashed in prefetch(batches, self.prefetch, prepare):
                 item = self._forward(m, cap, stats, x, y, idx, src, skipped)
                 read += int(len(idx))
                 item.start, item.rows_read = row, read if skipped is not None else None
+                rec.expect(hashed)
                 bg.submit(item)
                 row += len(item.indices)
                 if task is not None:
@@ -347,8 +417,25 @@ class Runner:
             )
         if task is not None:
             self.progress.update(task, visible=False)
+        return self._finish(writer, stats, src, inputs, skipped)
+
+    def _finish(
+        self,
+        writer: CacheWriter,
+        stats: dict[str, ClassStats],
+        src: str,
+        inputs: Any,
+        skipped: np.ndarray | None,
+    ) -> Path:
+        """Statistics and the inputs' digest into the cache, marked complete."""
+        digest = inputs.hexdigest()
+        self._digests[(inputs.start, inputs.stop)] = digest
         # a shard is published only once every rank has finished (nccli.extract.distributed)
-        path = writer.finalize(stats, publish=cfg.world_size <= 1)
+        path = writer.finalize(
+            stats,
+            {"dataset_content_sha256": digest},
+            publish=self.cfg.world_size <= 1,
+        )
         if skipped is not None and skipped.any():
             per_class = ", ".join(f"class {k}: {int(n)}" for k, n in enumerate(skipped) if n)
             self.note(
@@ -421,3 +508,31 @@ def _rows_done(writer: CacheWriter) -> int:
         return writer.rows_done
     except Exception:  # noqa: BLE001 - a closed or broken file holds nothing resumable
         return 0
+
+
+def _hashed(ds: Any, inputs: Any, start: int, batch_size: int) -> Iterator[tuple[Any, ...]]:
+    """The batches of positions ``start:inputs.stop``, each with ``(rows, blocks)``: the
+    digests of the inputs read up to and including it (taken in the loader, as it is read)."""
+    for x, y, idx in ds.iter_batches(batch_size, start, inputs.stop, inputs=inputs):
+        yield x, y, idx, (inputs.rows, inputs.blocks())
+
+
+class _RecordingWriter:
+    """The :class:`CacheWriter` as the background writer thread sees it: before a batch's
+    rows are written (the write flushes), the digests of the inputs read up to that batch
+    are recorded in the partial, so that its record always covers exactly its rows."""
+
+    def __init__(self, writer: CacheWriter, block: int) -> None:
+        self.writer = writer
+        self.tmp = writer.tmp
+        self.block = block
+        self._pending: deque[tuple[int, np.ndarray]] = deque()
+
+    def expect(self, hashed: tuple[int, np.ndarray]) -> None:
+        """The record of the next batch handed to the writer thread (in order)."""
+        self._pending.append(hashed)
+
+    def write_rows(self, *args: Any, **kwargs: Any) -> None:
+        rows, blocks = self._pending.popleft()
+        record_inputs(self.writer.h5, self.block, rows, blocks)
+        self.writer.write_rows(*args, **kwargs)

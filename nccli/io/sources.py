@@ -27,6 +27,7 @@ import numpy as np
 from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
 from nccli.io.cache import SHARD, Cache, check_shard_set, is_cache
+from nccli.io.cache.state import check_shard_files
 from nccli.io.names import epoch_step_from_name
 from nccli.layers import Layer, compose_classifiers, head_chain
 from nccli.stats import ClassStats
@@ -344,6 +345,8 @@ def open_sources(
 ) -> list[Source]:
     """Open every input; shard files ``x.rank<r>.h5`` of one run become one source.
 
+    Files are merged as shards only when their attributes say they are the shards of one
+    run (:func:`~nccli.io.cache.state.check_shard_files`), never by their names alone.
     A directory stands for the caches it holds.  ``skip_nonfinite`` drops NaN/Inf rows of
     plain feature files (caches never hold any: ``extract`` refuses or drops them).
     """
@@ -372,6 +375,8 @@ def open_sources(
                 Cache(first)  # raises the clear "unfinished cache" error
             if key.endswith("#shards"):
                 members.sort(key=lambda q: int(SHARD.match(q.name).group("rank")))
+                if len(members) > 1:
+                    check_shard_files(members)
                 out.append(CacheSource(members))
             elif first.suffix in (".h5", ".hdf5") and is_cache(first):
                 out.append(CacheSource([first]))

@@ -5,7 +5,10 @@ checkpoint and data exist (skip it), may an unfinished ``.partial`` be resumed, 
 a ``torchrun`` extraction, which shard files belong together.  ``measure`` asks it
 whether a set of ``<name>.rank<r>.h5`` files forms one complete extraction.  ``want``
 arguments are root attributes the file must carry (``checkpoint_sha256``,
-``dataset_digest``, ``feature_dtype``, the shard attributes …).
+``dataset_digest``, ``feature_dtype``, the shard attributes …).  The digest of the
+inputs' values (``dataset_content_sha256``, and the per-block record a partial keeps so
+that ``--resume`` can check the rows it holds) is compared by the caller, which hashes
+the data.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 
 from nccli.errors import CacheError, UsageError
 from nccli.io._util import one_line
@@ -26,13 +30,17 @@ from nccli.io.cache.reader import Cache, is_cache
 from nccli.stats import ClassStats
 
 __all__ = [
+    "INPUT_ATTRS",
     "SHARD",
     "SHARD_ATTRS",
+    "check_shard_files",
     "check_shard_set",
     "describe",
     "existing_matches",
+    "inputs_record",
     "partial_resumable",
     "read_shard",
+    "record_inputs",
     "shard_path",
     "stale_shards",
 ]
@@ -41,17 +49,22 @@ __all__ = [
 SHARD = re.compile(r"^(?P<base>.+)\.rank(?P<rank>\d+)\.h5$")
 #: the root attributes every shard carries
 SHARD_ATTRS = ("rank", "world_size", "row_start", "row_stop", "total_samples")
+#: the root attributes recording the digests of the inputs read so far (blocks of
+#: ``dataset_block_rows`` rows; the first ``dataset_hashed_rows`` rows are covered)
+INPUT_ATTRS = ("dataset_block_rows", "dataset_hashed_rows", "dataset_block_sha256")
 
 
 def _differs(attrs: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
     return [k for k, v in want.items() if attrs.get(k) != v]
 
 
-def existing_matches(path: Path, want: Mapping[str, Any]) -> bool:
-    """True when ``path`` is a finished cache made from ``want`` (skip it); False when
-    there is no file; a UsageError when it is something else or was made differently."""
+def existing_matches(path: Path, want: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The root attributes of ``path`` when it is a finished cache made from ``want`` (a
+    candidate for skipping: the caller still compares ``dataset_content_sha256``); None
+    when there is no file; a UsageError when it is something else or was made
+    differently."""
     if not path.exists():
-        return False
+        return None
     if not is_cache(path):
         raise UsageError(
             f"{path}: exists and is not an nccli cache; remove it, choose another -o, or pass "
@@ -68,21 +81,25 @@ def existing_matches(path: Path, want: Mapping[str, Any]) -> bool:
             f"{path}: exists but was made from a different {', '.join(diff)}; pass --overwrite "
             "to replace it"
         )
-    return True
+    return attrs
 
 
-def partial_resumable(tmp: Path, want: Mapping[str, Any], layers: Sequence[str]) -> bool:
-    """Whether the unfinished ``tmp`` can be resumed: False when it is unreadable (killed
-    mid-flush: start over), a CacheError when it belongs to another run."""
+def partial_resumable(
+    tmp: Path, want: Mapping[str, Any], layers: Sequence[str]
+) -> dict[str, Any] | None:
+    """The root attributes of the unfinished ``tmp`` when it can be resumed; None when it
+    is unreadable (killed mid-flush: start over), a CacheError when it belongs to another
+    run.  Whether its rows still match the inputs is checked by the caller
+    (:func:`inputs_record`)."""
     try:
         f = h5py.File(tmp, "r")
     except OSError:
-        return False
+        return None
     try:
         attrs = {k: read_attr(f, k) for k in f.attrs}
         have = sorted(f["layers"]) if "layers" in f else []
     except (OSError, KeyError, ValueError):
-        return False
+        return None
     finally:
         f.close()
     diff = _differs(attrs, want)
@@ -93,7 +110,30 @@ def partial_resumable(tmp: Path, want: Mapping[str, Any], layers: Sequence[str])
             f"{tmp}: cannot resume: the partial cache was made with a different "
             f"{', '.join(diff)}; delete it or run without --resume"
         )
-    return True
+    return attrs
+
+
+def record_inputs(h5: Any, block_rows: int, hashed_rows: int, blocks: np.ndarray) -> None:
+    """Record in an open partial the digests of its first ``hashed_rows`` inputs, in
+    blocks of ``block_rows`` (call it before the rows are written: their write flushes
+    both)."""
+    h5.attrs["dataset_block_rows"] = int(block_rows)
+    h5.attrs["dataset_hashed_rows"] = int(hashed_rows)
+    h5.attrs["dataset_block_sha256"] = np.ascontiguousarray(blocks, dtype=np.uint8)
+
+
+def inputs_record(attrs: Mapping[str, Any]) -> tuple[int, int, np.ndarray] | None:
+    """``(block_rows, hashed_rows, blocks)`` recorded in a partial's attributes, or None
+    when it has no (usable) record (written by an older nccli, or damaged)."""
+    block, rows, blocks = (attrs.get(k) for k in INPUT_ATTRS)
+    if not isinstance(block, int) or not isinstance(rows, int) or block < 1 or rows < 0:
+        return None
+    blocks = np.asarray(blocks) if blocks is not None else None
+    if blocks is None or blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] != 32:
+        return None
+    if -(-rows // block) > blocks.shape[0]:
+        return None
+    return block, rows, blocks
 
 
 # --------------------------------------------------------------------- shards
@@ -132,11 +172,47 @@ def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, ClassStats]]:
     return attrs, stats
 
 
+def _names(caches: Sequence[Cache]) -> str:
+    return ", ".join(str(c.path) for c in caches)
+
+
+def check_shard_files(paths: Sequence[Path]) -> None:
+    """Refuse files named ``<name>.rank<r>.h5`` that are not the shards of one run (their
+    attributes decide, not their names): each must carry the shard attributes, its rank
+    must be the one in its name, and the set must pass :func:`check_shard_set`.
+    ``paths`` are in the rank order of their names."""
+    caches: list[Cache] = []
+    try:
+        for p in paths:
+            caches.append(Cache(p))
+        plain = [c for c in caches if not all(k in c.attrs for k in SHARD_ATTRS)]
+        if plain:
+            raise CacheError(
+                f"{_names(caches)}: named as the shards of one distributed extraction, but "
+                f"{_names(plain)} {'has' if len(plain) == 1 else 'have'} no shard attributes "
+                "(rank, world_size, ...): written by single-process runs, maybe of other "
+                "checkpoints; refusing to merge them: rename the files to measure each alone"
+            )
+        for p, c in zip(paths, caches, strict=True):
+            m = SHARD.match(Path(p).name)
+            if m is not None and int(m.group("rank")) != c.attrs.get("rank"):
+                raise CacheError(
+                    f"{_names(caches)}: {c.path} is named rank {int(m.group('rank'))} but is "
+                    f"rank {c.attrs.get('rank')} of its run; the files were renamed: restore "
+                    "their names or re-extract"
+                )
+        first = Path(paths[0])
+        check_shard_set(caches, str(first.with_name(SHARD.sub(r"\g<base>.h5", first.name))))
+    finally:
+        for c in caches:
+            c.close()
+
+
 def check_shard_set(caches: Sequence[Cache], name: str) -> None:
     """The shards of one distributed extraction, all of them, covering every row once.
 
     Each shard records ``rank``, ``world_size``, ``row_start``, ``row_stop`` and
-    ``total_samples``; ``caches`` are in rank order.
+    ``total_samples``; ``caches`` are in rank order.  Every refusal names the files.
     """
     first = caches[0].attrs
     W = first.get("world_size")
@@ -149,18 +225,25 @@ def check_shard_set(caches: Sequence[Cache], name: str) -> None:
             else f"ranks {ranks} do not form 0..{W - 1 if isinstance(W, int) else '?'}"
         )
         raise CacheError(
-            f"{name}: incomplete shard set ({what}); pass every <name>.rank<r>.h5 of one "
+            f"{name} ({_names(caches)}): incomplete shard set ({what}); pass every "
+            "<name>.rank<r>.h5 of one "
             "run, finish an interrupted run with `nccli extract --resume` under the same "
             "torchrun command, or delete shards left by a run with another world size"
         )
     expect = 0
     for c in caches:
         a = c.attrs
-        for key in ("world_size", "total_samples", "checkpoint_sha256", "dataset_digest"):
+        for key in (
+            "world_size",
+            "total_samples",
+            "checkpoint_sha256",
+            "dataset_digest",
+            "feature_dtype",
+        ):
             if a.get(key) != first.get(key):
                 raise CacheError(
                     f"{c.path}: shard has a different {key} than {caches[0].path}; the files "
-                    "come from different extractions"
+                    "come from different extractions, refusing to merge them"
                 )
         # rows read: more than the samples kept when --skip-nonfinite dropped some
         read = a.get("rows_read", c.num_samples)
@@ -187,6 +270,15 @@ def _layer_row(g: Any) -> dict[str, Any]:
     return row
 
 
+def _shown(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes for ``nccli info``: the table of block digests as one short line."""
+    blocks = attrs.get("dataset_block_sha256")
+    if blocks is not None:
+        n = int(np.asarray(blocks).shape[0]) if np.ndim(blocks) else 0
+        attrs["dataset_block_sha256"] = f"<SHA-256 of {n} input block{'s' * (n != 1)}>"
+    return attrs
+
+
 def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Attributes and layer layout of a cache (or of an unfinished ``.partial``)."""
     p = Path(path)
@@ -198,7 +290,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         with f:
             attrs = {k: read_attr(f, k) for k in f.attrs}
             layers = [_layer_row(g) for g in (f["layers"].values() if "layers" in f else [])]
-        return {"path": str(p), "complete": False, "attrs": attrs, "layers": layers}
+        return {"path": str(p), "complete": False, "attrs": _shown(attrs), "layers": layers}
     with Cache(p) as c:
         rows = [_layer_row(c.h5[f"layers/{name}"]) for name in c.layers]
-        return {"path": str(p), "complete": True, "attrs": c.attrs, "layers": rows}
+        return {"path": str(p), "complete": True, "attrs": _shown(c.attrs), "layers": rows}

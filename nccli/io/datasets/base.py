@@ -3,7 +3,9 @@
 :class:`ArrayDataset` wraps a :class:`Source` (raw samples, read by sorted indices) and its
 labels.  Labels are checked once at open (integer, >= 0, one per input); inputs are
 checked for NaN/inf batch by batch.  ``limit`` keeps evenly spaced samples; the layout
-and normalisation come from :mod:`nccli.io.datasets.preprocess`.
+and normalisation come from :mod:`nccli.io.datasets.preprocess`.  :class:`InputsHash`
+hashes the raw inputs as they are read (the content half of a dataset's identity;
+:meth:`ArrayDataset.digest` is the cheap half: spec, selection, labels).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import torch
 from nccli.errors import DataError, UsageError
 from nccli.io.datasets.preprocess import Layout, channel_stats, normalization, parse_normalize
 
-__all__ = ["ArrayDataset", "ArraySource", "Source", "validate_labels"]
+__all__ = ["ArrayDataset", "ArraySource", "InputsHash", "Source", "block_rows", "validate_labels"]
+
+#: rows per block of the inputs' digest, doubled until a range has at most MAX_BLOCKS
+BLOCK_ROWS = 4096
+MAX_BLOCKS = 512
+#: bytes of raw inputs read at once when hashing without the model
+_HASH_READ_BYTES = 64 << 20
 
 
 class Source(Protocol):
@@ -47,6 +55,75 @@ class ArraySource:
         if hi - lo <= 4 * len(idx):  # one block read beats a point selection in HDF5
             return np.asarray(self.array[lo:hi])[idx - lo]
         return np.asarray(self.array[idx])
+
+
+def block_rows(n: int) -> int:
+    """Rows per block of the inputs' digest of ``n`` rows: ``BLOCK_ROWS``, doubled until
+    there are at most ``MAX_BLOCKS`` blocks (a function of ``n`` only, never of the batch
+    size)."""
+    b = BLOCK_ROWS
+    while -(-n // b) > MAX_BLOCKS:
+        b *= 2
+    return b
+
+
+class InputsHash:
+    """SHA-256 of the raw inputs of selection positions ``start:stop``, fed in order.
+
+    Rows are hashed in blocks of :func:`block_rows` rows counted from ``start``, each block
+    on its own (so a resumed run can check the rows it already has);
+    :meth:`hexdigest` is the SHA-256 of a header (dtype with byte order, row shape,
+    block size, row count) followed by the block digests.  :meth:`blocks` is the
+    ``(n_blocks, 32)`` uint8 table of the digests so far: the last block hashed may be
+    partial, blocks not reached are zeros.
+    """
+
+    def __init__(self, dtype: Any, row_shape: Sequence[int], start: int, stop: int) -> None:
+        self.start, self.stop = int(start), int(stop)
+        n = self.stop - self.start
+        self.block = block_rows(n)
+        self.n_blocks = max(1, -(-n // self.block))
+        dt, shape = np.dtype(dtype).str, tuple(int(s) for s in row_shape)
+        self._header = f"nccli-inputs-1|{dt}|{shape}|{self.block}|{n}".encode()
+        self._done: list[bytes] = []
+        self._h = hashlib.sha256()
+        self.rows = 0  # rows hashed, from ``start``
+
+    def update(self, pos: int, raw: np.ndarray) -> None:
+        """Hash the rows of ``raw``, which hold selection positions ``pos:pos+len(raw)``
+        (the next rows, in order)."""
+        if pos != self.start + self.rows or pos + len(raw) > self.stop:
+            raise ValueError(
+                f"inputs hashed out of order: rows from {pos}, expected {self.start + self.rows}"
+            )
+        flat = np.ascontiguousarray(raw).reshape(len(raw), -1)
+        i = 0
+        while i < len(flat):
+            take = min(self.block - self.rows % self.block, len(flat) - i)
+            self._h.update(flat[i : i + take])
+            i += take
+            self.rows += take
+            if self.rows % self.block == 0:
+                self._done.append(self._h.digest())
+                self._h = hashlib.sha256()
+
+    def blocks(self) -> np.ndarray:
+        """The block digests so far, ``(n_blocks, 32)`` uint8 (see the class)."""
+        out = np.zeros((self.n_blocks, 32), dtype=np.uint8)
+        done = list(self._done)
+        if self.rows % self.block:
+            done.append(self._h.copy().digest())
+        if done:
+            out[: len(done)] = np.frombuffer(b"".join(done), dtype=np.uint8).reshape(-1, 32)
+        return out
+
+    def hexdigest(self) -> str:
+        """The digest of every row of ``start:stop`` (all of them must have been fed)."""
+        if self.rows != self.stop - self.start:
+            raise ValueError(f"{self.rows} of {self.stop - self.start} rows hashed")
+        h = hashlib.sha256(self._header)
+        h.update(self.blocks().tobytes())
+        return h.hexdigest()
 
 
 class ArrayDataset:
@@ -120,11 +197,17 @@ class ArrayDataset:
         self._closers.clear()
 
     def iter_batches(
-        self, batch_size: int, start: int = 0, stop: int | None = None
+        self,
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        inputs: InputsHash | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray]]:
         """Yield ``(x float32, y int64, indices)`` over selection positions
-        ``start:stop`` (all by default), in index order; rows before ``start`` are not read."""
-        for x, idx, pos in self._raw_batches(batch_size, start, stop):
+        ``start:stop`` (all by default), in index order; rows before ``start`` are not read.
+        ``inputs`` hashes the raw rows as they are read (before a batch is yielded)."""
+        for x, idx, pos in self._raw_batches(batch_size, start, stop, inputs):
             if self._mean is not None and self._std is not None:
                 x -= self._mean
                 x /= self._std
@@ -145,8 +228,24 @@ class ArrayDataset:
             parts.append(f"normalize {self.normalization}")
         return ", ".join(parts)
 
+    def inputs_hash(self, start: int = 0, stop: int | None = None) -> InputsHash:
+        """A fresh :class:`InputsHash` of selection positions ``start:stop``."""
+        stop = len(self) if stop is None else int(stop)
+        return InputsHash(self._source.dtype, self._source.shape[1:], start, stop)
+
+    def hash_inputs(self, inputs: InputsHash, stop: int) -> InputsHash:
+        """Read the raw rows from where ``inputs`` is up to position ``stop`` and hash them
+        (no conversion, no model: what the skip and resume checks need)."""
+        row_bytes = max(1, self._source.dtype.itemsize * int(np.prod(self._source.shape[1:])))
+        chunk = max(1, _HASH_READ_BYTES // row_bytes)
+        for pos in range(inputs.start + inputs.rows, int(stop), chunk):
+            idx = self.indices[pos : min(pos + chunk, int(stop))]
+            inputs.update(pos, self._source.read(idx))
+        return inputs
+
     def digest(self) -> str:
-        """sha256 of spec, split, selection, preprocessing, input shape and labels (cheap)."""
+        """sha256 of spec, split, selection, preprocessing, input shape and labels (cheap;
+        the inputs' values are hashed by :class:`InputsHash`)."""
         h = hashlib.sha256()
         head = (
             f"{self.spec}|{self.split}|{len(self)}/{self._source.shape[0]}|"
@@ -160,7 +259,11 @@ class ArrayDataset:
     # -- internals ---------------------------------------------------------------------
 
     def _raw_batches(
-        self, batch_size: int, start: int = 0, stop: int | None = None
+        self,
+        batch_size: int,
+        start: int = 0,
+        stop: int | None = None,
+        inputs: InputsHash | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
@@ -168,7 +271,10 @@ class ArrayDataset:
         stop = n if stop is None else max(0, min(int(stop), n))
         for pos in range(max(0, int(start)), stop, batch_size):
             idx = self.indices[pos : min(pos + batch_size, stop)]
-            yield self._convert(self._source.read(idx), idx), idx, pos
+            raw = self._source.read(idx)
+            if inputs is not None:
+                inputs.update(pos, raw)
+            yield self._convert(raw, idx), idx, pos
 
     def _convert(self, raw: np.ndarray, idx: np.ndarray) -> np.ndarray:
         x = self._layout.to_float(raw)
