@@ -1,14 +1,13 @@
 """Where a result frame goes: a table on a terminal, CSV when piped, or a file (``-o``).
 
-A file is written to ``<name>.partial`` and renamed, so a failed write (a full disk) never
-leaves a truncated file under the requested name.
+A file is written to ``<name>.partial`` and renamed (:func:`nccli.io.safe.atomic_output`),
+so a failed write (a full disk) never leaves a truncated file under the requested name, a
+link planted at either name is refused, and a second nccli writing the same file refuses.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ import pandas as pd
 from rich.console import Console
 
 from nccli.errors import DataError, UsageError
+from nccli.io.safe import atomic_output
 from nccli.report.console import stdout_console
 from nccli.report.data import OutputFormat, write_data
 from nccli.report.measure_table import render_measure_table
@@ -32,17 +32,14 @@ def resolve_format(fmt: OutputFormat | None) -> OutputFormat:
 
 
 def write_file(df: pd.DataFrame, fmt: OutputFormat, output: Path, *, as_wide: bool) -> None:
-    """Write ``df`` to ``output`` (a table becomes CSV) through a ``.partial`` file."""
+    """Write ``df`` to ``output`` (a table becomes CSV) through a ``.partial`` file
+    (:func:`nccli.io.safe.atomic_output`: no links followed, one writer at a time)."""
     if fmt is OutputFormat.table:
         fmt = OutputFormat.csv
-    tmp = output.with_name(output.name + ".partial")
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        with atomic_output(output, "w", encoding="utf-8", newline="") as fh:
             write_data(df, fmt, fh, as_wide=as_wide)
-        os.replace(tmp, output)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
             raise DataError(
                 f"{output}: cannot write ({exc.strerror or exc}): the disk (or a file-size "

@@ -9,8 +9,9 @@ zeros (``nc4`` reaches exactly 0) or negative values (``nc3_cos``, deltas) it is
 with the linear range set just below the smallest non-zero magnitude, so zero sits at the
 bottom of the axis instead of being dropped.  ``nan`` points are left out.
 
-The figure is written to ``<file>.partial`` and renamed, so a failed write never leaves a
-half image under the requested name.
+The figure is written to ``<file>.partial`` and renamed (:func:`nccli.io.safe.atomic_output`),
+so a failed write never leaves a half image under the requested name and a link planted at
+either name is never followed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pandas as pd
 
 from nccli.compare import DEFAULT_METRICS, DELTA_PREFIX, Across, CompareResult
 from nccli.errors import UsageError
+from nccli.io.safe import atomic_output
 
 PLOT_HINT = "pip install 'nccli[plot]'"
 
@@ -194,13 +196,12 @@ def _panel_epochs(ax: Any, df: pd.DataFrame, part: pd.DataFrame, lines: _Lines) 
 
 
 def _save(fig: Any, p: Path, dpi: int) -> None:
-    """Write through ``<file>.partial`` so a failed write leaves no half image."""
-    tmp = p.with_name(p.name + ".partial")
+    """Write through ``<file>.partial`` (:func:`nccli.io.safe.atomic_output`) so a failed
+    write leaves no half image, no link is followed and one nccli writes ``p`` at a time."""
     try:
-        fig.savefig(tmp, format=p.suffix.lstrip(".").lower(), dpi=dpi)
-        os.replace(tmp, p)
+        with atomic_output(p, "wb", flag="--plot") as fh:
+            fig.savefig(fh, format=p.suffix.lstrip(".").lower(), dpi=dpi)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"--plot {p}: cannot write ({exc.strerror or exc})") from None
 
 

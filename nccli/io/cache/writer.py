@@ -6,7 +6,13 @@ killed run leaves a consistent partial file: ``rows_done`` (and ``rows_read`` wh
 ``--skip-nonfinite`` dropped rows) on the root say where ``--resume`` continues.
 :meth:`CacheWriter.finalize` stores the statistics, marks the root ``complete`` and
 renames the file; a file that looks finished is finished.  A failed write (disk full)
-becomes one :class:`~nccli.errors.DataError`, never a half-finished cache.
+becomes one :class:`~nccli.errors.DataError`, never a half-finished cache (nor a crash at
+exit: see :func:`_fapl`).
+
+The partial is written the way :mod:`nccli.io.safe` writes every output: the lock on
+``<path>.lock`` is taken before the partial is opened (a second nccli on the same cache
+refuses), the partial is created exclusively (``O_EXCL``, never through a link), and only
+a partial this writer created — or resumed, under its lock — is ever removed.
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ import errno as _errno
 import os
 import re
 import shutil
-import sys
-import threading
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,85 +35,117 @@ from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
 from nccli.io.cache.elements import FORMAT_VERSION, ROOT, write_stats
 from nccli.io.cache.encoding import IOSpec, get_spec, read_attr, write_elem
+from nccli.io.safe import (
+    FileId,
+    OutputLock,
+    clear_stale,
+    file_id,
+    partial_path,
+    refuse_link,
+    remove_created,
+    same_file,
+)
 from nccli.layers import Layer
 from nccli.stats import ClassStats
 
-__all__ = ["CacheWriter", "partial_path"]
+__all__ = ["CacheWriter", "claim_output", "partial_path"]
 
 
-def partial_path(path: str | os.PathLike[str]) -> Path:
-    """Where an unfinished cache for ``path`` lives."""
-    p = Path(path)
-    return p.with_name(p.name + ".partial")
-
-
-class _QuietH5:
-    """Keeps h5py's echoes of a failed write off stderr while caches are being written.
-
-    When a write fails (disk full, a file-size limit), HDF5 keeps the dirty data and fails
-    again each time h5py frees a handle; h5py reports those as "Exception ignored in
-    ObjectID.__dealloc__" through ``sys.excepthook`` and ``sys.unraisablehook``.  While a
-    :class:`CacheWriter` is open those echoes are recorded here instead (the writer turns
-    them into one :class:`~nccli.errors.DataError`); anything else goes to the usual hooks.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.depth = 0
-        self.errors: list[str] = []
-        self.saved: tuple[Any, Any] | None = None
-
-    @staticmethod
-    def _echo(exc: BaseException | None) -> bool:
-        return isinstance(exc, (RuntimeError, OSError)) and "id ref count" in str(exc)
-
-    def _unraisable(self, u: Any) -> None:
-        if self._echo(u.exc_value):
-            self.errors.append(str(u.exc_value))
-        elif self.saved is not None:
-            self.saved[1](u)
-
-    def _excepthook(self, etype: Any, value: BaseException, tb: Any) -> None:
-        if self._echo(value):
-            self.errors.append(str(value))
-        elif self.saved is not None:
-            self.saved[0](etype, value, tb)
-
-    def enter(self) -> None:
-        with self.lock:
-            if self.depth == 0:
-                self.saved = (sys.excepthook, sys.unraisablehook)
-                sys.excepthook, sys.unraisablehook = self._excepthook, self._unraisable
-            self.depth += 1
-
-    def exit(self) -> None:
-        with self.lock:
-            self.depth -= 1
-            if self.depth == 0 and self.saved is not None:
-                sys.excepthook, sys.unraisablehook = self.saved
-                self.saved = None
-                self.errors.clear()
-
-    def take(self) -> str | None:
-        """The first echo recorded since the last call (``None`` when all writes went
-        through)."""
-        if not self.errors:
-            return None
-        first = self.errors[0]
-        self.errors.clear()
-        return first
-
-
-_QUIET = _QuietH5()
 _FULL = {_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
 
 
-def _write_failed(where: Path, exc: BaseException | str) -> DataError:
+def _fapl() -> Any:
+    """How a cache being written is opened: raw data goes straight to the file.
+
+    By default HDF5 keeps raw data per dataset (the chunk cache; the sieve buffer of a
+    contiguous dataset) and writes it when the dataset is flushed or closed.  h5py closes
+    a dataset when its Python object is freed; on a full disk that close fails *after*
+    HDF5 has freed the dataset, the id stays registered, h5py can only print "Exception
+    ignored in ObjectID.__dealloc__", and at exit ``H5_term_library`` closes the dangling
+    id again: a use-after-free, SIGSEGV.  Without those buffers a failed write fails in
+    the write call itself (one OSError, turned into one line) and closing a dataset never
+    writes.  Rows are written in whole batches, so the buffers saved little.
+    """
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_EARLIEST, h5py.h5f.LIBVER_LATEST)  # h5py's default
+    mdc, slots, _nbytes, w0 = fapl.get_cache()
+    fapl.set_cache(mdc, slots, 0, w0)  # no raw-data chunk cache
+    fapl.set_sieve_buf_size(0)
+    return fapl
+
+
+def _fcpl() -> Any:
+    """h5py's default file creation: no object timestamps, order as h5py is configured."""
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fcpl.set_obj_track_times(False)
+    if h5py.get_config().track_order:
+        order = h5py.h5p.CRT_ORDER_TRACKED | h5py.h5p.CRT_ORDER_INDEXED
+        fcpl.set_link_creation_order(order)
+        fcpl.set_attr_creation_order(order)
+    return fcpl
+
+
+def _open_h5(tmp: Path, *, create: bool) -> tuple[h5py.File, FileId]:
+    """Open (or exclusively create: ``O_CREAT|O_EXCL``, never through a link) ``tmp``; the
+    file and the identity of the file HDF5 actually opened."""
+    name = os.fsencode(tmp)
+    if create:
+        fid = h5py.h5f.create(name, h5py.h5f.ACC_EXCL, fapl=_fapl(), fcpl=_fcpl())
+    else:
+        before = os.lstat(tmp)
+        if not stat.S_ISREG(before.st_mode) or before.st_nlink != 1:
+            raise DataError(
+                f"{tmp}: is not a plain file of its own (a link, or it has other names); "
+                "nccli does not write through links, remove it or choose another -o"
+            )
+        fid = h5py.h5f.open(name, h5py.h5f.ACC_RDWR, fapl=_fapl())
+    f = h5py.File(fid)
+    ident = file_id(os.fstat(f.id.get_vfd_handle()))
+    if not same_file(tmp, ident) or (not create and ident != file_id(before)):
+        f.close()
+        raise DataError(
+            f"{tmp}: was replaced while nccli opened it (another program writes in the "
+            "output directory); choose another -o"
+        )
+    return f, ident
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The OS error behind ``exc`` (HDF5 puts it in its message: ``errno = 28``)."""
+    code = re.search(r"errno = (\d+)", str(exc))
+    return int(code.group(1)) if code else getattr(exc, "errno", None)
+
+
+def claim_output(path: str | os.PathLike[str]) -> OutputLock:
+    """Claim cache ``path`` for this process before anything looks at its partial.
+
+    Refuses (one :class:`~nccli.errors.DataError`) a link at the cache or the partial name
+    and a second nccli writing the same cache; returns the held lock (a context manager,
+    re-entrant: the :class:`CacheWriter` opened inside takes it again)."""
+    path = Path(path)
+    refuse_link(path)
+    lock = OutputLock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        refuse_link(partial_path(path))
+    except OSError as exc:
+        lock.release()
+        raise DataError(
+            f"{partial_path(path)}: cannot write the cache ({exc.strerror or exc}); "
+            "check the output directory is writable"
+        ) from exc
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _write_failed(where: Path, exc: BaseException) -> DataError:
     """One line for a failed write: what the OS said, and what to do."""
     text = str(exc)
     said = re.search(r"error message = '([^']*)'", text)
-    code = re.search(r"errno = (\d+)", text)
-    num = int(code.group(1)) if code else getattr(exc, "errno", None)
+    num = _errno_of(exc)
     reason = said.group(1) if said else (os.strerror(num) if num else one_line(text, 120))
     if num in _FULL:
         hint = "the disk (or a file-size limit) is full: free disk space or choose another -o"
@@ -146,41 +183,54 @@ class CacheWriter:
             problem = layer.problem()
             if problem is not None:
                 raise DataError(problem)
-        if self.tmp.is_symlink():
-            raise DataError(
-                f"{self.tmp}: is a symbolic link; nccli does not write through links in the "
-                "output directory, remove it or choose another -o"
-            )
-        self._quiet = False
+        self.h5: h5py.File | None = None
+        self._ident: FileId | None = None  # the partial this writer opened or created
+        self._created = False
+        refuse_link(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._check_space()
-            _QUIET.enter()
-            self._quiet = True
-            if self.resume and self.tmp.exists():
-                self.h5 = h5py.File(self.tmp, "r+")
-                self._check_resumable()
-            else:
-                self.h5 = h5py.File(self.tmp, "w")
-                try:
-                    self._create()
-                except BaseException:
-                    self.abort()  # never leave a half-created file behind
-                    raise
+            # the lock comes first: a second nccli on this cache refuses before it looks at
+            # (or removes, or truncates) the first one's partial
+            self._lock = OutputLock(self.path).acquire()
         except OSError as exc:
-            self._unquiet()
-            raise DataError(
-                f"{self.tmp}: cannot write the cache ({exc.strerror or exc}); "
-                "check the output directory is writable"
-            ) from exc
-        except BaseException:
-            self._unquiet()
+            raise self._cannot_write(exc) from exc
+        try:
+            refuse_link(self.tmp)
+            self._check_space()
+            self._open()
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, (OSError, RuntimeError)) and _errno_of(exc) in _FULL:
+                raise _write_failed(self.tmp, exc) from exc
+            if isinstance(exc, OSError):
+                raise self._cannot_write(exc) from exc
             raise
 
-    def _unquiet(self) -> None:
-        if getattr(self, "_quiet", False):
-            self._quiet = False
-            _QUIET.exit()
+    def _cannot_write(self, exc: OSError) -> DataError:
+        if _errno_of(exc) in _FULL:
+            return _write_failed(self.tmp, exc)
+        return DataError(
+            f"{self.tmp}: cannot write the cache ({exc.strerror or exc}); "
+            "check the output directory is writable"
+        )
+
+    def _open(self) -> None:
+        """Open the partial to resume it, or create it afresh (holding the lock)."""
+        if self.resume and os.path.lexists(self.tmp):
+            self.h5, self._ident = _open_h5(self.tmp, create=False)
+            self._check_resumable()
+            return
+        clear_stale(self.tmp)  # an earlier run's leftover: ours to replace, under the lock
+        self.h5, self._ident = _open_h5(self.tmp, create=True)
+        self._created = True
+        self._create()
+
+    def _discard(self) -> None:
+        """Set-up failed: close, remove the partial only if this writer created it, unlock."""
+        if self._created:
+            self.abort()
+        else:
+            self.close()
 
     def estimated_bytes(self) -> int:
         """About how large the finished cache will be (uncompressed)."""
@@ -304,10 +354,7 @@ class CacheWriter:
                 f.attrs["skipped_nonfinite"] = np.asarray(skipped, dtype=np.int64)
             f.flush()
         except (OSError, RuntimeError) as exc:
-            raise _write_failed(self.tmp, _QUIET.take() or exc) from exc
-        echo = _QUIET.take()
-        if echo is not None:
-            raise _write_failed(self.tmp, echo)
+            raise _write_failed(self.tmp, exc) from exc
 
     def read_rows(self, start: int, stop: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Labels and per-layer features of rows already written (``--resume`` folds them
@@ -367,29 +414,45 @@ class CacheWriter:
             f.flush()
             f.close()
         except (OSError, RuntimeError) as exc:
-            raise _write_failed(self.tmp, _QUIET.take() or exc) from exc
-        echo = _QUIET.take()
-        if echo is not None:
-            raise _write_failed(self.tmp, echo)
-        self._unquiet()
-        if not publish:
-            return self.tmp
+            raise _write_failed(self.tmp, exc) from exc
+        try:
+            if publish:
+                self._publish()
+        finally:
+            self._unlock()
+        return self.path if publish else self.tmp
+
+    def _publish(self) -> None:
+        """Rename the finished partial onto the cache name (it must still be this file)."""
+        refuse_link(self.path)
+        if not same_file(self.tmp, self._ident):
+            raise DataError(
+                f"{self.tmp}: was replaced while nccli wrote it (another program writes in "
+                "the output directory); choose another -o"
+            )
         os.replace(self.tmp, self.path)
-        return self.path
+
+    def _close_h5(self) -> None:
+        try:
+            if self.h5 is not None:
+                self.h5.close()
+        except Exception:  # noqa: BLE001 - closing an already broken file
+            pass
+
+    def _unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
 
     def close(self) -> None:
         """Close without finishing (the ``.partial`` stays for ``--resume``)."""
-        try:
-            self.h5.close()
-        except Exception:  # noqa: BLE001 - closing an already broken file
-            pass
-        finally:
-            self._unquiet()
+        self._close_h5()
+        self._unlock()
 
     def abort(self) -> None:
-        """Close and delete the partial file."""
-        self.close()
+        """Close and delete the partial file (the one this writer opened, nothing else)."""
+        self._close_h5()
         try:
-            self.tmp.unlink()
-        except FileNotFoundError:
-            pass
+            remove_created(self.tmp, self._ident)
+        finally:
+            self._unlock()
