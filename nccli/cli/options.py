@@ -260,7 +260,8 @@ TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust-checkpoint",
-        help="Allow full unpickling of the checkpoint (can execute code: trusted files only).",
+        help="Allow what can execute code: full unpickling, TorchScript and torch.export "
+        "(.pt2) programs (trusted files only).",
     ),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train, test, ...")]
