@@ -8,12 +8,14 @@ the composite affine map of the linear layers above it (docs/metrics.md, "Deep l
 
 Plain files: ``.npz`` or ``.h5``/``.hdf5`` with arrays ``features`` (N, d), ``labels`` (N,)
 and optionally ``weight`` (K, d), ``bias`` (K,) and a scalar ``epoch``.  HDF5 features are
-streamed in chunks; ``.npz`` members cannot be read in parts, so they are loaded whole.
+streamed in chunks; stored ``.npz`` members are memory-mapped, deflated ones (which cannot
+be read in parts) decompressed whole within a bound (:mod:`nccli.io.h5safe`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -25,9 +27,18 @@ import h5py
 import numpy as np
 
 from nccli.errors import CacheError, DataError
-from nccli.io._util import one_line
+from nccli.io._util import check_input_file, one_line
 from nccli.io.cache import SHARD, Cache, check_shard_set, is_cache
 from nccli.io.cache.state import check_shard_files
+from nccli.io.h5safe import (
+    check_size,
+    check_stats_size,
+    inflate_bound,
+    iter_rows,
+    npz_member,
+    open_failure,
+    open_input,
+)
 from nccli.io.names import epoch_step_from_name
 from nccli.layers import Layer, compose_classifiers, head_chain
 from nccli.stats import ClassStats
@@ -221,6 +232,9 @@ class ArraySource(Source):
     """A plain ``.npz`` / ``.h5`` features file (``features``, ``labels``, opt. ``weight``,
     ``bias``, ``epoch``).
 
+    Every array's declared size is checked against what the file holds before it is read
+    (:mod:`nccli.io.h5safe`): stored ``.npz`` members are memory-mapped, HDF5 features
+    are read a chunk at a time, labels a bounded chunk at a time and checked as they come.
     ``skip_nonfinite`` drops rows whose features hold NaN/Inf from every pass (statistics
     and the classifier pass alike); :attr:`skipped` counts them per class once a full pass
     has run, and :attr:`notes` reports them.
@@ -239,23 +253,24 @@ class ArraySource(Source):
         self.skip_nonfinite = skip_nonfinite
         self.skipped: np.ndarray | None = None
         p = Path(path)
+        check_input_file(p, "features file")
         if p.suffix == ".npz":
-            arrays = self._load_npz(p)
+            arrays, keys = self._load_npz(p)
             get = arrays.get
-            keys = set(arrays)
         else:
-            try:
-                self._h5 = h5py.File(p, "r")
-            except OSError as exc:
-                raise DataError(
-                    f"{p}: not a readable HDF5 file ({one_line(exc, 160)}); it may be truncated "
-                    "or corrupt, re-extract the cache or re-create the file"
-                ) from None
+            self._h5 = self._open_h5(p)
             keys = set(self._h5.keys())
 
             def get(k: str, default: Any = None) -> Any:
                 return self._h5[k] if k in self._h5 else default
 
+        try:
+            self._setup(p, keys, get, num_classes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, p: Path, keys: set[str], get: Any, num_classes: int | None) -> None:
         for need in ("features", "labels"):
             if need not in keys:
                 raise DataError(
@@ -263,13 +278,20 @@ class ArraySource(Source):
                     "a features file needs 'features' (N, d) and 'labels' (N,)"
                 )
         feats, labels = get("features"), get("labels")
+        if self._h5 is not None:  # npz members were checked as they were opened
+            check_size(feats, str(p), "'features'", compressed="stream")
+            for key in ("labels", "weight", "bias", "epoch"):
+                if get(key) is not None:
+                    check_size(get(key), str(p), f"{key!r}", compressed="whole")
         if feats.ndim != 2:
             raise DataError(f"{p}: 'features' must be 2-D (N, d), got shape {feats.shape}")
         if labels.ndim != 1 or labels.shape[0] != feats.shape[0]:
             raise DataError(
                 f"{p}: 'labels' has shape {labels.shape} but 'features' has {feats.shape[0]} rows"
             )
-        y = _integer_labels(p, labels)
+        y = np.empty(labels.shape, dtype=np.int64)
+        for start, chunk in iter_rows(labels):  # a bounded read each, checked as it comes
+            y[start : start + len(chunk)] = _integer_labels(p, chunk)
         if feats.dtype.kind not in "fiu":
             raise DataError(f"{p}: 'features' have dtype {feats.dtype}; expected numbers")
         W, b = _classifier(p, get("weight"), get("bias"), int(feats.shape[1]))
@@ -281,12 +303,12 @@ class ArraySource(Source):
             )
         if K < 1:
             raise DataError(f"{p}: no samples")
+        check_stats_size(K, int(feats.shape[1]), str(p))
         self.num_classes = K
         self._features = feats
         self._labels = y
-        ep = get("epoch")
         name_epoch, name_step = epoch_step_from_name(p.name)
-        self.epoch = int(np.asarray(ep[()])) if ep is not None else name_epoch
+        self.epoch = self._epoch(p, get("epoch"), name_epoch)
         self.step = name_step
         layer = Layer("features", int(feats.shape[1]), role="penultimate", weight=W, bias=b)
         view = LayerView(self, layer)
@@ -294,14 +316,48 @@ class ArraySource(Source):
         self.layers = {"features": view}
 
     @staticmethod
-    def _load_npz(p: Path) -> dict[str, np.ndarray]:
+    def _epoch(p: Path, ep: Any, default: int | None) -> int | None:
+        """The file's scalar ``epoch`` (a whole number), else the one in its name."""
+        if ep is None:
+            return default
+        if ep.shape is None or math.prod(ep.shape) != 1:
+            raise DataError(f"{p}: 'epoch' must be a single number, got shape {ep.shape}")
+        v = np.asarray(ep[()]).reshape(-1)[0]
+        if v.dtype.kind in "iu" or (v.dtype.kind == "f" and np.isfinite(v) and v == np.round(v)):
+            return int(v)
+        raise DataError(f"{p}: 'epoch' must be a whole number, got {v.item()!r}")
+
+    @staticmethod
+    def _open_h5(p: Path) -> h5py.File:
         try:
-            with np.load(p, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
+            return open_input(p, "features file")
+        except OSError as exc:
+            raise DataError(
+                f"{p}: not a readable HDF5 file ({one_line(exc, 160)}); it may be truncated "
+                "or corrupt, re-extract the cache or re-create the file"
+            ) from None
+
+    @staticmethod
+    def _load_npz(p: Path) -> tuple[dict[str, np.ndarray], set[str]]:
+        """The members a features file uses, each checked (:func:`npz_member`), and the
+        names of all of its arrays."""
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+                budget = [inflate_bound(p.stat().st_size)]
+                used = sorted(names & {"features", "labels", "weight", "bias", "epoch"})
+                arrays = {k: npz_member(p, zf, k, budget=budget) for k in used}
         except FileNotFoundError:
             raise DataError(f"{p}: no such file") from None
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except OSError as exc:
+            fail = open_failure(exc, p, "features file")
+            if fail is not None:
+                raise fail from None
             raise DataError(f"{p}: not a readable .npz file ({exc}); is it truncated?") from None
+        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+            raise DataError(f"{p}: not a readable .npz file ({exc}); is it truncated?") from None
+        # the features stay memory-mapped (read per batch); the rest is small: in memory
+        return {k: v if k == "features" else np.array(v) for k, v in arrays.items()}, names
 
     def _batches(self, layer: str, chunk_rows: int) -> Batches:
         N = self._labels.shape[0]
@@ -312,6 +368,8 @@ class ArraySource(Source):
                 h = np.asarray(self._features[start:stop])
             except OSError as exc:
                 raise DataError(f"{self.path}: cannot read features ({exc})") from None
+            if not h.flags.writeable:  # a memory-mapped npz member: torch wants its own copy
+                h = np.array(h)
             y = self._labels[start:stop]
             if self.skip_nonfinite and h.dtype.kind == "f":
                 ok = np.isfinite(h).all(axis=1)

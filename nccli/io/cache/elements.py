@@ -14,8 +14,10 @@ element             version  layout
 ``nccli-classstats``  2      the same; ``sha256`` required
 ==================  =======  ==============================================================
 
-Readers validate shapes, dtypes and declared-vs-stored sizes *before* reading an array, so
-a small file cannot make nccli allocate a huge one.  nccli writes version 2.
+Readers validate shapes, dtypes and declared-vs-stored sizes *before* reading an array
+(:func:`nccli.io.h5safe.check_size`), so a small file cannot make nccli allocate a huge one:
+nccli compresses nothing but features, so any other compressed dataset is refused as
+forged.  nccli writes version 2.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from nccli.io.cache.encoding import (
     unsupported,
     write_elem,
 )
+from nccli.io.h5safe import check_size, check_stats_size
 from nccli.layers import Layer
 from nccli.stats import STATES, ClassStats
 
@@ -60,15 +63,11 @@ def stats_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def declared_vs_stored(ds: Any, where: str, what: str) -> None:
-    """Refuse an uncompressed dataset that declares more bytes than the file stores
-    (a forged shape would otherwise allocate them)."""
-    declared, stored = ds.size * ds.dtype.itemsize, ds.id.get_storage_size()
-    if ds.compression is None and stored < declared:
-        raise CacheError(
-            f"{where}: {what} declare {declared} bytes but the file stores {stored}; the "
-            "cache is truncated or forged, re-extract it"
-        )
+def declared_vs_stored(ds: Any, where: str, what: str, *, compressed: str = "refuse") -> None:
+    """Refuse a dataset that declares more bytes than the file stores (a forged shape would
+    otherwise allocate them), and a compressed one unless ``compressed="stream"`` (features:
+    read a chunk at a time)."""
+    check_size(ds, where, what, compressed=compressed, error=CacheError, hint="re-extract it")
 
 
 # ---------------------------------------------------------------- statistics
@@ -133,7 +132,7 @@ def _write_stats(group: Any, stats: ClassStats) -> None:
 
 
 # ---------------------------------------------------------------------- layer
-def _read_layer(g: Any, where: str, *, num_samples: int, version: str) -> Layer:
+def _read_layer(g: Any, where: str, *, num_samples: int, num_classes: int, version: str) -> Layer:
     name = g.name.rpartition("/")[2]
     if get_spec(g).version != version:
         raise unsupported(g, where, LAYER, f" inside a version-{version} cache")
@@ -141,7 +140,13 @@ def _read_layer(g: Any, where: str, *, num_samples: int, version: str) -> Layer:
         raise unsupported(g["stats"], where, STATS, f" inside a version-{version} cache")
     if "features" not in g and "stats" not in g:
         raise CacheError(f"{where}: /layers/{name} has neither features nor stats; re-extract")
+    for key in ("features", "weight", "bias"):
+        if key in g:
+            mode = "stream" if key == "features" else "refuse"
+            declared_vs_stored(g[key], where, f"/layers/{name}/{key}", compressed=mode)
     dim = int(read_attr(g, "dim", -1))
+    if "stats" not in g and dim > 0:  # stored statistics are checked when they are read
+        check_stats_size(num_classes, dim, f"{where}: layer {name!r}", CacheError)
     N = num_samples
     if "features" in g and g["features"].shape != (N, dim):
         raise CacheError(
@@ -215,12 +220,14 @@ def _read_layout(f: Any, where: str, version: str) -> dict[str, Layer]:
             raise CacheError(
                 f"{where}: dataset /{name} is missing; the cache is incomplete, re-extract"
             )
+    for name in ("labels", "indices"):  # /logits are never read back
+        declared_vs_stored(f[name], where, f"/{name}")
     if f["labels"].shape != (N,):
         raise CacheError(f"{where}: /labels has shape {f['labels'].shape}, expected ({N},)")
     if "logits" in f and f["logits"].shape != (N, K):
         raise CacheError(f"{where}: /logits has shape {f['logits'].shape}, expected ({N}, {K})")
     layers = {
-        name: read_elem(g, LAYER, where, num_samples=N, version=version)
+        name: read_elem(g, LAYER, where, num_samples=N, num_classes=K, version=version)
         for name, g in f["layers"].items()
     }
     return dict(sorted(layers.items(), key=lambda kv: (kv[1].depth, kv[0])))

@@ -1,9 +1,11 @@
 """Reading a cache: :class:`Cache` validates a file before anything trusts it.
 
-Opening a cache checks, in order: a readable HDF5 file, an nccli root, a root encoding
+Opening a cache checks, in order: a regular file that is readable HDF5 with nothing
+pointing outside it (:func:`nccli.io.h5safe.open_input`), an nccli root, a root encoding
 this nccli reads (:mod:`nccli.io.cache.encoding`), ``complete``, and the layout of every
-element (shapes of every dataset against the root's ``num_samples``/``num_classes``).
-Arrays are read on demand, each guarded: labels in range, parameters finite, statistics
+element (shapes of every dataset against the root's ``num_samples``/``num_classes``, and
+what each declares against what the file stores).  Arrays are read on demand, each
+guarded: labels in range (a bounded chunk at a time), parameters finite, statistics
 checksummed (:mod:`nccli.io.cache.elements`).  Any failure of h5py on a damaged file
 becomes one :class:`~nccli.errors.CacheError` naming the file and what was being read.
 """
@@ -16,13 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from nccli.errors import CacheError, DataError, NCError
 from nccli.io._util import one_line
 from nccli.io.cache.elements import ROOT, declared_vs_stored, read_stats
 from nccli.io.cache.encoding import IOSpec, get_spec, read_attr, read_elem, unsupported, versions
+from nccli.io.h5safe import iter_rows, open_input
 from nccli.layers import Layer
 from nccli.stats import ClassStats
 
@@ -64,7 +66,7 @@ class Cache:
         if not self.path.exists():
             raise DataError(f"{where}: no such file")
         try:
-            self.h5 = h5py.File(self.path, "r")
+            self.h5 = open_input(self.path, "cache", error=CacheError)
         except OSError as exc:
             raise CacheError(
                 f"{where}: not a readable HDF5 file ({exc}); it may be truncated or corrupt, "
@@ -111,14 +113,20 @@ class Cache:
         return int(read_attr(self.h5, "num_classes"))
 
     def labels(self) -> np.ndarray:
-        """All labels (N,), validated against ``num_classes``."""
-        y = self._read("labels", ())
-        if y.size and (y.min() < 0 or y.max() >= self.num_classes):
-            raise CacheError(
-                f"{self.path}: /labels contains values outside 0..{self.num_classes - 1}; "
-                "the cache is corrupt, re-extract it"
-            )
-        return y.astype(np.int64)
+        """All labels (N,), read and validated against ``num_classes`` a bounded chunk at a
+        time (their size was checked against the file when it was opened)."""
+        K = self.num_classes
+        with _reading(str(self.path), "/labels"):
+            ds = self.h5["labels"]
+            out = np.empty(ds.shape, dtype=np.int64)
+            for start, y in iter_rows(ds):
+                if y.size and (y.min() < 0 or y.max() >= K):
+                    raise CacheError(
+                        f"{self.path}: /labels contains values outside 0..{K - 1}; "
+                        "the cache is corrupt, re-extract it"
+                    )
+                out[start : start + len(y)] = y
+        return out
 
     def _read(self, key: str, sl: Any) -> np.ndarray:
         with _reading(str(self.path), f"/{key}"):
@@ -267,8 +275,12 @@ def is_cache(path: str | os.PathLike[str]) -> bool:
     A cache whose root attributes were damaged still counts, so that the reader explains
     what is wrong instead of treating it as a plain features file.
     """
+    if os.path.isdir(path):
+        return False
     try:
-        f = h5py.File(path, "r")
+        f = open_input(path, "input")
+    except NCError:
+        raise  # a FIFO, no file descriptors left, a link out of the file: say so
     except Exception:  # noqa: BLE001 - not HDF5, unreadable, truncated
         return False
     with f:

@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 
 from nccli.errors import CacheError, UsageError
@@ -27,6 +26,7 @@ from nccli.io._util import one_line
 from nccli.io.cache.elements import layer_record, read_stats
 from nccli.io.cache.encoding import read_attr
 from nccli.io.cache.reader import Cache, is_cache
+from nccli.io.h5safe import open_input
 from nccli.stats import ClassStats
 
 __all__ = [
@@ -92,7 +92,7 @@ def partial_resumable(
     run.  Whether its rows still match the inputs is checked by the caller
     (:func:`inputs_record`)."""
     try:
-        f = h5py.File(tmp, "r")
+        f = open_input(tmp, "partial cache", error=CacheError)
     except OSError:
         return None
     try:
@@ -156,7 +156,7 @@ def stale_shards(out_path: Path, world_size: int) -> list[Path]:
 
 def read_shard(path: Path) -> tuple[dict[str, Any], dict[str, ClassStats]]:
     """Root attributes and per-layer statistics of a finished shard (published or not)."""
-    with h5py.File(path, "r") as f:
+    with open_input(path, "cache shard", error=CacheError) as f:
         attrs = {k: read_attr(f, k) for k in f.attrs}
         K = int(attrs.get("num_classes", -1))
         groups = sorted(
@@ -284,7 +284,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if p.name.endswith(".partial"):
         try:
-            f = h5py.File(p, "r")
+            f = open_input(p, "partial cache", error=CacheError)
         except OSError as exc:
             raise CacheError(f"{p}: not a readable HDF5 file ({one_line(exc)})") from None
         with f:

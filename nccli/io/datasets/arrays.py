@@ -2,22 +2,33 @@
 
 Inputs and labels are found by name (:data:`KEY_PAIRS`, ``x_test``/``y_test`` for a
 split) unless a selector names them (``file:xkey,ykey``).  Nothing is unpickled: ``.npy``
-members are read with ``allow_pickle=False`` and object arrays are refused.
+members are read with ``allow_pickle=False`` and object arrays are refused.  Nothing is
+trusted before it is read (:mod:`nccli.io.h5safe`): every file must be a regular file,
+each array's declared size is checked against what the file holds, an HDF5 file may not
+point outside itself, and compressed data is decoded within a bound.
 """
 
 from __future__ import annotations
 
-import struct
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from nccli.errors import DataError, UsageError
-from nccli.io._util import one_line
+from nccli.io._util import check_input_file, one_line
 from nccli.io.datasets.base import ArrayDataset, ArraySource
 from nccli.io.datasets.request import DataRequest
+from nccli.io.h5safe import (
+    check_size,
+    inflate_bound,
+    iter_rows,
+    npz_member,
+    open_failure,
+    open_input,
+)
 
 __all__ = [
     "KEY_PAIRS",
@@ -105,13 +116,21 @@ def pick_keys(
 
 
 def open_npz(req: DataRequest, path: Path) -> ArrayDataset:
+    """The two arrays of an ``.npz``, each member checked before it is read
+    (:func:`nccli.io.h5safe.npz_member`: stored members memory-mapped, deflated ones
+    decompressed within a bound, bzip2/lzma and lying headers refused)."""
+    check_input_file(path, "dataset")
     try:
         with zipfile.ZipFile(path) as zf:
             keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
             xk, yk = pick_keys(keys, req.selector, req.split, path)
-            x = _npz_member(path, zf, xk)
-            y = _npz_member(path, zf, yk)
+            budget = [inflate_bound(path.stat().st_size)]
+            x = npz_member(path, zf, xk, budget=budget)
+            y = npz_member(path, zf, yk, budget=budget)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        fail = open_failure(exc, path, "dataset") if isinstance(exc, OSError) else None
+        if fail is not None:
+            raise fail from None
         raise DataError(f"{path}: cannot read .npz ({one_line(exc)}); re-create the file") from exc
     where = f"{path}:{xk},{yk}"
     return ArrayDataset(
@@ -125,47 +144,17 @@ def open_npz(req: DataRequest, path: Path) -> ArrayDataset:
     )
 
 
-def _npz_member(path: Path, zf: zipfile.ZipFile, key: str) -> np.ndarray:
-    """Memory-map an uncompressed ``.npz`` member; decompress a compressed one."""
-    info = zf.getinfo(f"{key}.npy")
-    if info.compress_type == zipfile.ZIP_STORED:
-        with path.open("rb") as f:
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if local[:4] == b"PK\x03\x04":
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                if version in ((1, 0), (2, 0)):
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, fortran, dtype = read_header(f)
-                    if dtype.hasobject:
-                        raise DataError(
-                            f"{path}: array {key!r} holds Python objects, which nccli never "
-                            "unpickles; save it as a numeric array"
-                        )
-                    return np.memmap(
-                        path,
-                        dtype=dtype,
-                        mode="r",
-                        offset=f.tell(),
-                        shape=shape,
-                        order="F" if fortran else "C",
-                    )
-    with zf.open(info) as member:
-        return np.lib.format.read_array(member, allow_pickle=False)
-
-
 def open_npy_pair(req: DataRequest, pair: tuple[Path, Path]) -> ArrayDataset:
     arrays = []
     for p in pair:
+        check_input_file(p, "dataset file")
         try:
+            # memory-mapped: numpy checks the header's size against the file's
             arrays.append(np.load(p, mmap_mode="r", allow_pickle=False))
         except Exception as exc:
+            fail = open_failure(exc, p, "dataset file") if isinstance(exc, OSError) else None
+            if fail is not None:
+                raise fail from None
             raise DataError(f"{p}: cannot read .npy ({one_line(exc)})") from exc
     return ArrayDataset(
         spec=req.spec,
@@ -183,10 +172,13 @@ def refuse_single_npy(req: DataRequest, path: Path) -> ArrayDataset:
 
 
 def open_hdf5(req: DataRequest, path: Path) -> ArrayDataset:
+    """Two datasets of an HDF5 file (:func:`nccli.io.h5safe.open_input`: nothing read
+    from outside the file): the inputs sliced per batch, the labels read and checked a
+    bounded chunk at a time, both sizes checked against the file first."""
     import h5py
 
     try:
-        f = h5py.File(path, "r")
+        f = open_input(path, "dataset")
     except OSError as exc:
         raise DataError(f"{path}: cannot open HDF5 file ({one_line(exc)})") from exc
     try:
@@ -194,13 +186,15 @@ def open_hdf5(req: DataRequest, path: Path) -> ArrayDataset:
         xk, yk = pick_keys(
             keys, req.selector, req.split, path, lambda n: isinstance(f.get(n), h5py.Dataset)
         )
-        labels = np.asarray(f[yk][()])
+        where = f"{path}:{xk},{yk}"
+        check_size(f[xk], str(path), f"inputs {xk!r}", compressed="stream")
+        check_size(f[yk], str(path), f"labels {yk!r}", compressed="whole")
         return ArrayDataset(
             spec=req.spec,
             kind="hdf5",
-            where=f"{path}:{xk},{yk}",
+            where=where,
             source=ArraySource(f[xk]),
-            labels=labels,
+            labels=_checked_labels(f[yk], where),
             split=req.split,
             closers=[f.close],
             **req.common,
@@ -208,3 +202,35 @@ def open_hdf5(req: DataRequest, path: Path) -> ArrayDataset:
     except BaseException:
         f.close()
         raise
+
+
+def _checked_labels(ds: Any, where: str) -> np.ndarray:
+    """HDF5 labels read :data:`~nccli.io.h5safe.LABEL_ROWS` rows at a time, each part
+    checked (whole numbers, >= 0) before the next is read; the dataset's own checks
+    (:func:`~nccli.io.datasets.base.validate_labels`) run on the result."""
+    shape, kind = ds.shape, ds.dtype.kind
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise DataError(
+            f"{where}: labels have shape {shape}; expected one class index per sample "
+            "(take the argmax of one-hot labels)"
+        )
+    if kind not in "biuf":
+        raise DataError(f"{where}: labels have dtype {ds.dtype}; expected integer class indices")
+    out = np.empty(shape, dtype=ds.dtype)
+    for start, y in iter_rows(ds):
+        out[start : start + len(y)] = y
+        y = y.reshape(-1)
+        if kind == "f":
+            bad = ~np.isfinite(y) | (y != np.round(y))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise DataError(
+                    f"{where}: labels must be whole numbers, found {y[i].item()!r} at index "
+                    f"{start + i}"
+                )
+        if kind in "iuf" and len(y) and y.min() < 0:
+            i = int(np.argmin(y))
+            raise DataError(
+                f"{where}: labels must be >= 0, found {y[i].item()} at index {start + i}"
+            )
+    return out

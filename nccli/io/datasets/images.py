@@ -4,10 +4,16 @@ Classes are the sorted folder names; files are decoded per batch (Pillow, or
 ``np.load(allow_pickle=False)`` for ``.npy``), so a folder larger than memory still
 works.  All images must share one size and type.  This is the fallback for any
 directory that holds no CIFAR batches or IDX files.
+
+An image's size is read from its header before it is decoded: more than
+:data:`MAX_IMAGE_PIXELS` pixels, or another size than the first image's, is refused
+before any pixel is decoded (Pillow's own decompression-bomb warning becomes that
+refusal), and a batch may hold at most :data:`MAX_BATCH_BYTES` of decoded pixels.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +24,20 @@ from nccli.io._util import one_line
 from nccli.io.datasets.base import ArrayDataset
 from nccli.io.datasets.request import SPLITS, DataRequest
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFiles", "find_image_folder", "open_image_folder"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_BATCH_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "ImageFiles",
+    "find_image_folder",
+    "open_image_folder",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".npy")
+#: the most pixels (height × width) of one image nccli decodes (8192 × 8192)
+MAX_IMAGE_PIXELS = 1 << 26
+#: the most bytes of decoded pixels one batch of images may hold
+MAX_BATCH_BYTES = 1 << 32
 
 
 class ImageFiles:
@@ -38,9 +55,14 @@ class ImageFiles:
     def _load(self, f: Path) -> np.ndarray:
         try:
             if f.suffix.lower() == ".npy":
-                arr = np.load(f, allow_pickle=False)
+                # memory-mapped first: numpy checks the header against the file's size
+                arr = np.load(f, mmap_mode="r", allow_pickle=False)
+                chw = arr.ndim == 3 and arr.shape[-1] > 4  # (C, H, W): pixels are H × W
+                self._check_size(f, arr.shape, _prod(arr.shape[1:] if chw else arr.shape[:2]))
+                arr = np.array(arr)
             else:
-                with _pil(f).open(f) as image:
+                with self._open(f) as image:
+                    self._check_size(f, image.size[::-1], _prod(image.size))
                     if self.mode is None:
                         gray = image.mode in ("1", "L", "I", "I;16", "F")
                         self.mode = "L" if gray else "RGB"
@@ -51,7 +73,45 @@ class ImageFiles:
             raise DataError(f"{f}: cannot read image ({one_line(exc)})") from exc
         return arr
 
+    @staticmethod
+    def _open(f: Path) -> Any:
+        """``Image.open`` (lazy: the header only), Pillow's decompression-bomb warning made
+        an error, so that it is refused in one line instead of printed."""
+        image = _pil(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", image.DecompressionBombWarning)
+            try:
+                return image.open(f)
+            except (image.DecompressionBombWarning, image.DecompressionBombError) as exc:
+                raise DataError(
+                    f"{f}: image is too large to decode ({one_line(exc)}); nccli decodes at "
+                    f"most {MAX_IMAGE_PIXELS} pixels per image, resize it"
+                ) from None
+
+    def _check_size(self, f: Path, hw: tuple[int, ...], pixels: int) -> None:
+        """Refuse an image by its header before decoding it: too many pixels, or another
+        size than the first image (which would be refused after decoding anyway)."""
+        if pixels > MAX_IMAGE_PIXELS:
+            raise DataError(
+                f"{f}: image is {'x'.join(map(str, hw))} = {pixels} pixels, more than nccli "
+                f"decodes ({MAX_IMAGE_PIXELS}); resize it"
+            )
+        first = getattr(self, "item_shape", None)
+        if first is not None and tuple(hw) != tuple(first[: len(hw)]):
+            raise DataError(
+                f"{f}: image is {'x'.join(map(str, hw))} but {self.files[0].name} is "
+                f"{'x'.join(map(str, first[: len(hw)]))}; all images in {self.root} must share "
+                "size and type (resize them first)"
+            )
+
     def read(self, idx: np.ndarray) -> np.ndarray:
+        item = self.dtype.itemsize * _prod(self.item_shape)
+        if len(idx) * item > MAX_BATCH_BYTES:
+            raise DataError(
+                f"{self.files[0]}: a batch of {len(idx)} images of {self.item_shape} holds "
+                f"{len(idx) * item} bytes, more than nccli decodes at once ({MAX_BATCH_BYTES}); "
+                "use a smaller --batch-size or resize the images"
+            )
         out = np.empty((len(idx), *self.item_shape), dtype=self.dtype)
         for j, i in enumerate(idx):
             arr = self._load(self.files[int(i)])
@@ -63,6 +123,10 @@ class ImageFiles:
                 )
             out[j] = arr
         return out
+
+
+def _prod(shape: Any) -> int:
+    return int(np.prod(tuple(shape), dtype=object))
 
 
 def _pil(path: Path) -> Any:
