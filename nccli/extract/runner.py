@@ -45,6 +45,7 @@ from nccli.extract.pipeline import BackgroundWriter, Rows, prefetch, to_host
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_resumable
 from nccli.io.cache.state import inputs_record, record_inputs
+from nccli.io.cache.writer import claim_output
 from nccli.report.console import print_notes
 from nccli.stats import ClassStats
 
@@ -189,6 +190,13 @@ class Runner:
             if have is not None and self._unchanged(out_path, have, start, stop):
                 return out_path
         m = self._load(ckpt)
+        # this process owns the cache (and its partial) from here on: a second nccli
+        # writing it, or a link planted at either name, is refused before anything is read
+        with claim_output(out_path):
+            return self._write(m, out_path, start, stop, ckpt)
+
+    def _write(self, m: _Model, out_path: Path, start: int, stop: int, ckpt: Path) -> Path:
+        """Open (resume or start) the claimed cache and stream the rows into it."""
         writer, stats, inputs = self._open(out_path, m, start, stop, str(ckpt))
         tmp = partial_path(out_path)
         try:

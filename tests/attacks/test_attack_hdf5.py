@@ -321,12 +321,6 @@ def test_fifo_in_an_npy_pair_is_refused(cli, good, tmp_path) -> None:
     assert_no_finished_output(tmp_path)
 
 
-@pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=False,
-    reason="nccli/io/datasets/spec.py reads a file's first bytes (to pick its format) before "
-    "any format's opener can check it is a regular file",
-)
 @pytest.mark.parametrize("name", ["pipe.h5", "pipe.npz"])
 def test_fifo_given_as_dataset_is_refused(cli, good, tmp_path, name: str) -> None:
     path = tmp_path / name

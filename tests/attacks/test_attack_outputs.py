@@ -10,7 +10,6 @@ with the first one's pid and leaves its files alone.
 
 from __future__ import annotations
 
-import inspect
 import io
 import os
 import resource
@@ -41,22 +40,6 @@ from nccli.layers import Layer
 
 LINK = ("symbolic link",)
 IN_USE = "in use by another nccli"
-
-
-def _runner_claims_the_output() -> bool:
-    from nccli.extract import runner
-
-    return "claim_output" in inspect.getsource(runner)
-
-
-# The runner prints "starting over (an unfinished cache was there)" before the writer takes
-# the lock, so a second nccli (or a link at the partial) gets that note besides its one
-# error line until Runner.one claims the cache first (nccli.io.cache.writer.claim_output).
-needs_runner_claim = pytest.mark.xfail(
-    not _runner_claims_the_output(),
-    reason="nccli/extract/runner.py Runner.one must hold claim_output(out_path) before _open",
-    strict=True,
-)
 
 
 def _measure(good, *extra: str) -> list[str]:
@@ -138,7 +121,6 @@ def test_link_at_the_plot_itself_is_refused(cli, good, victim, tmp_path) -> None
     assert (tmp_path / "plot.png").is_symlink()
 
 
-@needs_runner_claim
 def test_link_at_the_cache_partial_is_refused(cli, good, victim, tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()
@@ -238,7 +220,6 @@ def _same_measurements(cli: ForkCLI, cache: Path, cwd: Path, good) -> None:
 
 
 @pytest.mark.slow
-@needs_runner_claim
 def test_two_extractions_into_one_output(cli, good, tmp_path) -> None:
     """The second refuses with the first one's pid; the first finishes a correct cache."""
     (tmp_path / "cli2").mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nccli.errors import DataError
-from nccli.io._util import IMPORT_SPEC
+from nccli.io._util import IMPORT_SPEC, check_input_file
 from nccli.io.datasets.base import ArrayDataset
 from nccli.io.datasets.factory import factory_spec_problem
 from nccli.io.datasets.formats import FORMATS
@@ -60,6 +60,7 @@ def request_for(text: str, split: str, common: dict[str, Any]) -> DataRequest:
         split, selector = selector, None  # DIR:test, data.npz:test
     magic = b""
     if not path.is_dir():
+        check_input_file(path, "dataset")  # a FIFO would hang this very read
         with path.open("rb") as f:
             magic = f.read(8)
     return DataRequest(text, path, None, selector, split, magic, common)
