@@ -26,7 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from nccli.errors import CacheError, DataError
+from nccli.errors import CacheError, DataError, UsageError
 from nccli.io._util import check_input_file, one_line
 from nccli.io.cache import SHARD, Cache, check_shard_set, is_cache
 from nccli.io.cache.state import check_shard_files
@@ -295,6 +295,8 @@ class ArraySource(Source):
         if feats.dtype.kind not in "fiu":
             raise DataError(f"{p}: 'features' have dtype {feats.dtype}; expected numbers")
         W, b = _classifier(p, get("weight"), get("bias"), int(feats.shape[1]))
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"num_classes must be at least 1, got {num_classes}")
         K = num_classes or (W.shape[0] if W is not None else int(y.max()) + 1 if y.size else 0)
         if y.size and y.max() >= K:
             raise DataError(
