@@ -6,6 +6,8 @@ refused input: exit 1 or 2, one stderr line naming the file, no traceback, peak 
 1 GB, and no side effect (a marker file never appears, a victim file's bytes are
 unchanged, no finished-looking output).
 
+All of them are marked ``slow`` (see ``pytest_collection_modifyitems`` below).
+
 Fixtures: ``cli`` (the fork server), ``good`` (valid inputs to tamper with: a dataset, a
 state-dict checkpoint, its cache and a features file), ``victim`` (a file whose bytes must
 not change).
@@ -60,3 +62,14 @@ def victim(tmp_path: Path) -> Path:
     path = tmp_path / "victim.txt"
     path.write_bytes(b"precious bytes\n")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every attack runs the real CLI end to end (about a minute in all): they are ``slow``,
+    so ``make test-quick`` leaves them out and ``make test`` (CI) runs them.  The harness
+    check (``test_attack_smoke.py``) stays in the quick loop."""
+    here = Path(__file__).parent
+    for item in items:
+        path = Path(str(item.fspath))
+        if path.parent == here and path.name != "test_attack_smoke.py":
+            item.add_marker(pytest.mark.slow)
