@@ -31,8 +31,9 @@ Thresholds.  ``fail_if=["nc1>0.05"]`` (operators ``> >= < <= ==``; the metric is
 of ``nccli metrics`` or ``delta_<name>`` with ``by="run"``) is checked against *every* row
 of that metric — every checkpoint and every selected layer — or only each run's last
 checkpoint with ``fail_if_last=True``.  ``nan`` values never cross a threshold; a note says
-how many were skipped.  Metrics named in thresholds are measured even if not in
-``metrics``.
+how many were skipped, and a threshold whose metric has no finite value in those rows checked
+nothing and fails (:attr:`CompareResult.unchecked`).  Metrics named in thresholds are
+measured even if not in ``metrics``.
 
 Modules: this one (the use case and its result), :mod:`~nccli.compare.runs` (run names),
 :mod:`~nccli.compare.thresholds` (``--fail-if``); :mod:`nccli.report.compare_table` and
@@ -53,6 +54,7 @@ from nccli.compare.runs import RunFrom, run_names
 from nccli.compare.thresholds import (
     DELTA_PREFIX,
     Threshold,
+    Unchecked,
     Violation,
     find_violations,
     parse_threshold,
@@ -70,6 +72,7 @@ __all__ = [
     "CompareResult",
     "RunFrom",
     "Threshold",
+    "Unchecked",
     "Violation",
     "compare",
     "parse_threshold",
@@ -111,11 +114,13 @@ class CompareResult:
     thresholds: list[Threshold] = field(default_factory=list)
     checked: int = 0
     notes: list[str] = field(default_factory=list)
+    #: thresholds whose metric had no finite value to check (they fail like a crossing)
+    unchecked: list[Unchecked] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """No threshold was crossed."""
-        return not self.violations
+        """No threshold was crossed, and every threshold checked something."""
+        return not self.violations and not self.unchecked
 
     @property
     def has_runs(self) -> bool:
@@ -128,16 +133,22 @@ class CompareResult:
 
     def check(self, name_first: bool = True) -> None:
         """Raise :class:`~nccli.errors.ThresholdExceeded` when any row crossed a threshold
-        (the message names the first such row unless ``name_first`` is false)."""
+        or a threshold checked nothing (the message names the first crossing row unless
+        ``name_first`` is false)."""
+        parts = []
         if self.violations:
             crossed = ", ".join(dict.fromkeys(str(v.threshold) for v in self.violations))
-            msg = (
+            parts.append(
                 f"{len(self.violations)} of {self.checked} checked rows crossed --fail-if "
                 f"({crossed})"
             )
             if name_first:
-                msg += f"; first: {self.violations[0].describe(self.has_runs)}"
-            raise ThresholdExceeded(msg)
+                parts[0] += f"; first: {self.violations[0].describe(self.has_runs)}"
+        if self.unchecked:
+            empty = ", ".join(str(u.threshold) for u in self.unchecked)
+            parts.append(f"--fail-if {empty} checked nothing (no finite value)")
+        if parts:
+            raise ThresholdExceeded("; ".join(parts))
 
 
 def to_wide(df: pd.DataFrame) -> pd.DataFrame:
@@ -235,7 +246,7 @@ def compare(
             s.close()
 
     data = _arrange(frames, names, by, baseline, notes)
-    violations, checked = find_violations(data, thresholds, fail_if_last, notes)
+    violations, checked, unchecked = find_violations(data, thresholds, fail_if_last, notes)
     out = _public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
     out.attrs["notes"] = list(notes)
     out.attrs["center"] = center
@@ -250,6 +261,7 @@ def compare(
         thresholds=thresholds,
         checked=checked,
         notes=notes,
+        unchecked=unchecked,
     )
 
 

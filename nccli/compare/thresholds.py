@@ -3,7 +3,9 @@
 ``fail_if=["nc1>0.05"]`` (operators ``> >= < <= ==``; the metric is any name of
 ``nccli metrics`` or ``delta_<name>`` with ``by="run"``) is checked against *every* row of
 that metric, or only each run's last checkpoint.  ``nan`` values never cross a threshold;
-a note says how many were skipped.
+a note says how many were skipped.  A threshold whose metric has no finite value among the
+rows it checks checked nothing: it is an :class:`Unchecked`, and fails the gate like a
+crossing (a gate that checks nothing must not pass).
 """
 
 from __future__ import annotations
@@ -92,18 +94,34 @@ class Violation:
         )
 
 
+@dataclass(frozen=True)
+class Unchecked:
+    """A threshold that checked nothing: its metric has no finite value in the rows."""
+
+    threshold: Threshold
+    reason: str
+
+    def describe(self) -> str:
+        """``nc3>0.01 checked nothing: nc3 has no finite value (no classifier weight …)``."""
+        t = self.threshold
+        return f"{t} checked nothing: {t.metric} has no finite value ({self.reason})"
+
+
 def find_violations(
     data: pd.DataFrame, thresholds: list[Threshold], last_only: bool, notes: list[str]
-) -> tuple[list[Violation], int]:
-    """Rows crossing any threshold (all rows, or each run's last checkpoint)."""
+) -> tuple[list[Violation], int, list[Unchecked]]:
+    """Rows crossing any threshold (all rows, or each run's last checkpoint), the number of
+    finite rows checked, and the thresholds that found no finite value to check."""
     if not thresholds:
-        return [], 0
+        return [], 0, []
     rows = data
     if last_only:
         last = data.groupby("_run")["_ck"].transform("max")
         rows = data[data["_ck"] == last]
     out: list[Violation] = []
+    unchecked: list[Unchecked] = []
     checked = 0
+    labels = set(data["source"]) if "source" in data.columns else set()
     for t in thresholds:
         sub = rows[rows["metric"] == t.metric]
         nan = 0
@@ -125,8 +143,26 @@ def find_violations(
                         v,
                     )
                 )
-        if nan:
+        if nan == len(sub):  # nothing finite: the gate checked nothing
+            unchecked.append(Unchecked(t, _why_nan(t.metric, len(sub), notes, labels)))
+        elif nan:
             notes.append(f"--fail-if {t}: {nan} row(s) are nan and were not checked")
-        if sub.empty:
-            notes.append(f"--fail-if {t}: no rows of {t.metric} to check")
-    return out, checked
+    return out, checked, unchecked
+
+
+def _why_nan(metric: str, rows: int, notes: list[str], labels: set[str]) -> str:
+    """Why ``metric`` has no finite value: the measure notes' reasons, else the row count."""
+    if rows == 0:
+        return f"no rows of {metric}"
+    tag = f": {metric} is nan: "
+    reasons: dict[str, None] = {}
+    for note in notes:
+        if tag not in note:
+            continue
+        why = note.split(tag, 1)[1]
+        if not any(note.startswith(lab + " ") for lab in labels):  # "… (src, src)" merged
+            why = why.rsplit(" (", 1)[0]
+        reasons[why] = None
+    if not reasons:
+        return f"all {rows} row(s) are nan"
+    return "; ".join(reasons)

@@ -230,9 +230,12 @@ class Runner:
         disc = discover_layers(module, self.probe.to(cfg.device, x_dtype), cfg.layers, source=src)
         K = disc.num_logits
         if K != self.ds.num_classes and self.max_label + 1 > K:
+            one = int(np.min(self.ds.labels)) == 1  # labels 1..K on a K-logit model
             raise DataError(
                 f"{self.data}: has labels up to {self.max_label} but the model {src} outputs "
-                f"{K} logits (classes 0..{K - 1}); the dataset is the likely culprit: check "
+                f"{K} logits (classes 0..{K - 1}); "
+                + ("its labels start at 1: are they 1-based? " if one else "")
+                + "the dataset is the likely culprit: check "
                 "its labels and that --data and --split are the data this model was trained "
                 "on (or, if the model really has more classes, num_classes in --arch/--model)"
             )

@@ -228,6 +228,30 @@ def _classifier(p: Path, W: Any, b: Any, dim: int) -> tuple[np.ndarray | None, n
     return W, b
 
 
+def _refuse_empty_classes(p: Path, y: np.ndarray, K: int) -> None:
+    """A class below the largest label with no samples, when K came from that label, is
+    almost always a numbering mistake (1-based labels, a gap) and would make every metric
+    built on the class means nan: refuse it, naming the likely cause."""
+    empty = np.flatnonzero(np.bincount(y, minlength=K) == 0)
+    if not empty.size:
+        return
+    n = int(empty.size)
+    if n == 1:
+        what = f"class {int(empty[0])} has no samples"
+    else:
+        few = ", ".join(str(int(c)) for c in empty[:5]) + (", …" if n > 5 else "")
+        what = f"{n} of {K} classes have no samples ({few})"
+    if empty[0] == 0 and int(y.min()) == 1:
+        fix = "are the labels 1-based? subtract 1"
+    else:
+        fix = f"renumber the labels 0..{K - n - 1} so that every class has samples"
+    raise DataError(
+        f"{p}: {what} but labels go up to {K - 1} ({K} classes inferred from the largest "
+        f"label); {fix}, or pass --num-classes to measure with the empty classes as they are "
+        "(metrics built on the class means are then nan)"
+    )
+
+
 class ArraySource(Source):
     """A plain ``.npz`` / ``.h5`` features file (``features``, ``labels``, opt. ``weight``,
     ``bias``, ``epoch``).
@@ -305,6 +329,8 @@ class ArraySource(Source):
             )
         if K < 1:
             raise DataError(f"{p}: no samples")
+        if num_classes is None and W is None:  # K inferred from the labels: none may be empty
+            _refuse_empty_classes(p, y, K)
         check_stats_size(K, int(feats.shape[1]), str(p))
         self.num_classes = K
         self._features = feats

@@ -197,9 +197,10 @@ def _render_by_run(result: CompareResult, console: Console, crossed: set) -> Non
 
 def violation_lines(result: CompareResult, limit: int = MAX_VIOLATION_LINES) -> list[str]:
     """``nccli: fail-if: …`` stderr lines naming the first ``limit`` crossings (then a count
-    of the rest)."""
+    of the rest), then each threshold that checked nothing."""
     shown = result.violations[:limit]
     lines = [f"nccli: fail-if: {v.describe(result.has_runs)}" for v in shown]
     if len(result.violations) > len(shown):
         lines.append(f"nccli: fail-if: … and {len(result.violations) - len(shown)} more rows")
+    lines += [f"nccli: fail-if: {u.describe()}" for u in result.unchecked]
     return lines
