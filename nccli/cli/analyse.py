@@ -5,7 +5,15 @@ from __future__ import annotations
 import typer
 
 from nccli.analyses import ReportKind
-from nccli.cli.core import STATE, app, split_list, user_errors
+from nccli.cli.core import (
+    STATE,
+    DebugAfterOpt,
+    QuietAfterOpt,
+    app,
+    refuse_flag_values,
+    split_list,
+    user_errors,
+)
 from nccli.cli.options import (
     AcrossOpt,
     BaselineOpt,
@@ -75,11 +83,18 @@ def measure(
     geometry: GeometryOpt = False,
     skip_nonfinite: MeasureSkipNonfiniteOpt = False,
     report: ReportOpt = None,
+    quiet: QuietAfterOpt = False,
+    debug: DebugAfterOpt = False,
 ) -> None:
-    """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer."""
+    """Neural Collapse metrics (NC1–NC4, CDNV, ETF geometry) for each input and layer.
+
+    Examples: [b]nccli measure cache/ep0400.h5 -l penultimate -m nc1,nc3[/b] and
+    [b]nccli measure feats.npz --wide -o nc.json[/b] (the format follows the suffix).
+    """
     with user_errors(
         "measure", paths, reduce=_fewer(f"--chunk-rows (now {chunk_rows})", num_classes)
     ):
+        refuse_flag_values(paths)
         inputs = [str(p) for p in paths]
         setup = {
             "loss": None if loss is None else loss.value,
@@ -128,6 +143,8 @@ def compare(
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
     output: OutOpt = None,
+    quiet: QuietAfterOpt = False,
+    debug: DebugAfterOpt = False,
 ) -> None:
     """Compare NC metrics across checkpoints, layers or runs; gate a pipeline with --fail-if.
 
@@ -136,8 +153,12 @@ def compare(
     With --by run the deltas are extra rows whose metric is [b]delta_<metric>[/b] = this run − baseline at the same epoch and layer (--wide makes them columns).
 
     --fail-if checks every row of its metric (all checkpoints and selected layers; nan rows are skipped with a note; --fail-if-last: last checkpoint of each run only). The data is still written, then each crossing row is named on stderr and the exit code is 1. A malformed threshold or unknown metric exits 2.
+
+    Examples: [b]nccli compare cache/run1 --plot nc.png[/b] and
+    [b]nccli compare cache/run1 cache/run2 --by run --fail-if 'nc1>0.05' --fail-if-last[/b]
     """
     with user_errors("compare", paths, reduce=_fewer(None, num_classes)):
+        refuse_flag_values(paths)
         if plot is not None:
             check_plot_path(plot)
         with status_spinner(not STATE.quiet) as progress:

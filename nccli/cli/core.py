@@ -18,12 +18,12 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from nccli.cli.options import DebugOpt, QuietOpt, VersionOpt
-from nccli.errors import NCError
+from nccli.errors import NCError, UsageError
 
 app = typer.Typer(
     name="nccli",
@@ -305,6 +305,55 @@ def _root(debug: DebugOpt = False, quiet: QuietOpt = False, version: VersionOpt 
     STATE.quiet = quiet
     if STATE.warnings_hooked and not debug:
         _install_warning_filters()
+
+
+def _quiet_after(value: bool) -> None:
+    if value:  # absent after the command: what the root option said stands
+        STATE.quiet = True
+
+
+def _debug_after(value: bool) -> None:
+    if value:
+        STATE.debug = True
+
+
+#: ``-q`` / ``--debug`` after the command name (``nccli measure x.h5 -q``): the same state
+#: as before it; every command takes them (``quiet: QuietAfterOpt = False``)
+QuietAfterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        metavar="",  # a flag: no <bool>
+        callback=_quiet_after,
+        expose_value=False,
+        help="No progress or notes on stderr (also before the command).",
+    ),
+]
+DebugAfterOpt = Annotated[
+    bool,
+    typer.Option(
+        "--debug",
+        metavar="",  # a flag: no <bool>
+        callback=_debug_after,
+        expose_value=False,
+        help="Show Python tracebacks for errors (also before the command).",
+    ),
+]
+
+#: what a value given to a flag looks like (``--wide true``: click takes ``true`` as a path)
+_FLAG_VALUES = frozenset({"true", "false", "yes", "no", "on", "off"})
+
+
+def refuse_flag_values(paths: Sequence[str | os.PathLike[str]]) -> None:
+    """A path ``true``/``false``/... that does not exist was meant as a flag's value:
+    say so (exit 2) instead of "no such file"."""
+    for p in paths:
+        name = os.fspath(p)
+        if name.lower() in _FLAG_VALUES and not os.path.lexists(name):
+            raise UsageError(
+                f"no such file {name} (flags take no value: write e.g. --wide, not --wide {name})"
+            )
 
 
 def split_list(items: list[str] | None) -> list[str]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 
 import typer
 
-from nccli.cli.core import STATE, app, user_errors
+from nccli.cli.core import (
+    STATE,
+    DebugAfterOpt,
+    QuietAfterOpt,
+    app,
+    refuse_flag_values,
+    user_errors,
+)
 from nccli.cli.options import (
     AmpOpt,
     ArchOpt,
@@ -78,38 +86,46 @@ def extract(
     dist_backend: DistBackendOpt = DistBackend.auto,
     dist_timeout: DistTimeoutOpt = 30.0,
     skip_nonfinite: ExtractSkipNonfiniteOpt = False,
+    quiet: QuietAfterOpt = False,
+    debug: DebugAfterOpt = False,
 ) -> None:
     """Run checkpoints over a dataset; cache features, logits and statistics (HDF5).
 
     Prints the cache paths on stdout; progress and notes go to stderr.  Under
     `torchrun --nproc-per-node G -m nccli extract ...` each rank writes a disjoint shard
-    <stem>.rank<r>.h5; measure reads the shard set as one cache.
+    <stem>.rank<r>.h5; measure reads the shard set as one cache.  What the model code
+    itself prints goes to stderr.
+
+    Examples: [b]nccli extract run/ep*.pt -d data.npz --arch resnet18:num_classes=10 -o cache[/b]
+    and [b]nccli extract ckpt.pt -d cifar10/ --model mypkg.nets:build -o cache --limit 5000[/b]
     """
     with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
-        paths = run_extract(
-            [str(p) for p in checkpoints],
-            data,
-            arch=arch,
-            model=model,
-            out_dir=out_dir,
-            layers=layers,
-            device=device.value,
-            amp=amp.value,
-            batch_size=batch_size,
-            feature_dtype=dtype.value,
-            split=split,
-            limit=limit,
-            normalize=normalize,
-            trust_checkpoint=trust_checkpoint,
-            resume=resume,
-            overwrite=overwrite,
-            num_workers=num_workers,
-            progress=not STATE.quiet,
-            command=_command_line(),
-            dist_backend=dist_backend.value,
-            dist_timeout=dist_timeout,
-            skip_nonfinite=skip_nonfinite,
-        )
+        refuse_flag_values(checkpoints)
+        with contextlib.redirect_stdout(sys.stderr):  # the model's print(): not a cache path
+            paths = run_extract(
+                [str(p) for p in checkpoints],
+                data,
+                arch=arch,
+                model=model,
+                out_dir=out_dir,
+                layers=layers,
+                device=device.value,
+                amp=amp.value,
+                batch_size=batch_size,
+                feature_dtype=dtype.value,
+                split=split,
+                limit=limit,
+                normalize=normalize,
+                trust_checkpoint=trust_checkpoint,
+                resume=resume,
+                overwrite=overwrite,
+                num_workers=num_workers,
+                progress=not STATE.quiet,
+                command=_command_line(),
+                dist_backend=dist_backend.value,
+                dist_timeout=dist_timeout,
+                skip_nonfinite=skip_nonfinite,
+            )
         for p in paths:
             typer.echo(str(p))
 
@@ -127,9 +143,16 @@ def info(
     as_json: JsonOpt = False,
     verify: VerifyOpt = False,
     deep: DeepOpt = False,
+    quiet: QuietAfterOpt = False,
+    debug: DebugAfterOpt = False,
 ) -> None:
-    """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint."""
+    """Show a cache's attributes and layer layout, or what `--layers` picks in a checkpoint.
+
+    Examples: [b]nccli info cache/ep0400.h5 --verify[/b] and
+    [b]nccli info ckpt.pt --arch resnet18:num_classes=10 --json[/b]
+    """
     with user_errors("info", [path]):
+        refuse_flag_values([path])
         if not path.exists():
             raise DataError(f"{path}: no such file")
         if verify or deep:
@@ -142,16 +165,17 @@ def info(
             if not desc["complete"]:
                 head = {"status": "unfinished (extract --resume continues it)", **head}
         else:
-            desc = describe_checkpoint(
-                path,
-                arch=arch,
-                model=model,
-                data=data,
-                split=split,
-                normalize=normalize,
-                layers=layers,
-                trust_checkpoint=trust_checkpoint,
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # the model's print(): not data
+                desc = describe_checkpoint(
+                    path,
+                    arch=arch,
+                    model=model,
+                    data=data,
+                    split=split,
+                    normalize=normalize,
+                    layers=layers,
+                    trust_checkpoint=trust_checkpoint,
+                )
             head = {k: v for k, v in desc.items() if k != "layers"}
         if as_json:
             typer.echo(info_json(desc))

@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
-from nccli.cli.core import app
+from nccli.cli.core import DebugAfterOpt, QuietAfterOpt, app, user_errors
+from nccli.cli.options import FormatOpt
 from nccli.metrics import METRICS
+from nccli.report import OutputFormat
 from nccli.report.console import stdout_console
-from nccli.report.listing import render_metrics
+from nccli.report.listing import metrics_frame, render_metrics
+from nccli.report.output import emit
 
 
 @app.command("metrics", rich_help_panel="Utils")
-def list_metrics() -> None:
-    """List every metric name, its family and formula (docs/metrics.md)."""
-    render_metrics(METRICS.values(), stdout_console(highlight=True))
+def list_metrics(
+    fmt: FormatOpt = None,
+    quiet: QuietAfterOpt = False,
+    debug: DebugAfterOpt = False,
+) -> None:
+    """List every metric name, its family and formula (docs/metrics.md).
+
+    The table is the default even when piped (as before); -f csv|tsv|json gives the
+    columns metric,family,better,formula.
+
+    Examples: [b]nccli metrics[/b] and [b]nccli metrics -f csv | grep nc1[/b]
+    """
+    with user_errors("metrics"):
+        emit(
+            metrics_frame(METRICS.values()),
+            fmt or OutputFormat.table,
+            as_wide=False,
+            render_table=lambda _df, _console: render_metrics(
+                METRICS.values(), stdout_console(highlight=True)
+            ),
+        )

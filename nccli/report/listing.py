@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -64,3 +65,12 @@ def render_metrics(metrics: Iterable[Any], console: Console) -> None:
             escape(info.formula),
         )
     console.print(table)
+
+
+def metrics_frame(metrics: Iterable[Any]) -> pd.DataFrame:
+    """``metrics --format csv|tsv|json``: the table's rows (metric, family, better,
+    formula) as a frame."""
+    rows = [
+        (i.name, i.family, "higher" if i.higher_is_better else "lower", i.formula) for i in metrics
+    ]
+    return pd.DataFrame(rows, columns=["metric", "family", "better", "formula"])

@@ -24,10 +24,18 @@ from nccli.report.measure_table import render_measure_table
 TableRenderer = Callable[[pd.DataFrame, Console], None]
 
 
-def resolve_format(fmt: OutputFormat | None) -> OutputFormat:
-    """``table`` on a terminal, ``csv`` when stdout is piped."""
+#: ``-o`` without ``--format``: the format its suffix names (any other suffix: CSV)
+SUFFIX_FORMATS = {".csv": OutputFormat.csv, ".tsv": OutputFormat.tsv, ".json": OutputFormat.json}
+
+
+def resolve_format(fmt: OutputFormat | None, output: Path | None = None) -> OutputFormat:
+    """An explicit ``fmt`` wins; else a file ``output`` is written in the format its suffix
+    names (``.csv``, ``.tsv``, ``.json``; any other suffix: CSV); else ``table`` on a
+    terminal, ``csv`` when stdout is piped."""
     if fmt is not None:
         return fmt
+    if output is not None and str(output) != "-":
+        return SUFFIX_FORMATS.get(output.suffix.lower(), OutputFormat.csv)
     return OutputFormat.table if sys.stdout.isatty() else OutputFormat.csv
 
 
@@ -60,7 +68,7 @@ def emit(
 ) -> None:
     """Write a result frame to stdout (or ``output``) in the chosen format; a table is
     drawn by ``render_table`` (default: the measure table)."""
-    fmt = resolve_format(fmt)
+    fmt = resolve_format(fmt, output)
     if output is not None and str(output) != "-":
         write_file(df, fmt, output, as_wide=as_wide)
         return
