@@ -336,7 +336,10 @@ class ArraySource(Source):
         self._features = feats
         self._labels = y
         name_epoch, name_step = epoch_step_from_name(p.name)
-        self.epoch = self._epoch(p, get("epoch"), name_epoch)
+        ep = get("epoch")
+        if ep is None and self._h5 is not None and "epoch" in self._h5.attrs:
+            ep = np.asarray(self._h5.attrs["epoch"])  # a root attribute, when no dataset
+        self.epoch = self._epoch(p, ep, name_epoch)
         self.step = name_step
         layer = Layer("features", int(feats.shape[1]), role="penultimate", weight=W, bias=b)
         view = LayerView(self, layer)
