@@ -456,12 +456,12 @@ def test_normalize_explicit_preset_and_auto(tmp_path: Path) -> None:
     mean = np.array([0.5, 0.4, 0.3], np.float32)[None, :, None, None]
     std = np.array([0.2, 0.25, 0.5], np.float32)[None, :, None, None]
     np.testing.assert_allclose(got, (plain - mean) / std, rtol=1e-5, atol=1e-6)
-    assert ds.normalization == "mean=0.5,0.4,0.3;std=0.2,0.25,0.5"
+    assert ds.normalization == "uint8/255 then mean=0.5,0.4,0.3;std=0.2,0.25,0.5"
     auto = open_dataset(path, normalize="auto")
     got, _, _ = collect(auto)
     np.testing.assert_allclose(got.mean(axis=(0, 2, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(got.std(axis=(0, 2, 3)), 1, atol=1e-4)
-    assert auto.normalization is not None and auto.normalization.startswith("mean=")
+    assert auto.normalization.startswith("uint8/255 then mean=")
     assert parse_normalize("cifar10")[0] == [0.4914, 0.4822, 0.4465]
     with pytest.raises(UsageError, match="has 2 values"):
         open_dataset(path, normalize="mean=0.5,0.5;std=1,1")

@@ -365,7 +365,9 @@ def test_resnet_images_with_a_selected_stage(tmp_path):
     torch.manual_seed(0)
     net = zoo.build(arch)
     ckpt = save_state(net, tmp_path / "rn.pt")
-    [path] = run([ckpt], tmp_path / "img.npz", tmp_path / "out", arch=arch, layers="auto,layer4")
+    # uint8 images need an explicit --normalize; 'none' is x/255 only
+    kw = {"arch": arch, "layers": "auto,layer4", "normalize": "none"}
+    [path] = run([ckpt], tmp_path / "img.npz", tmp_path / "out", **kw)
     with Cache(path) as c:
         assert {n: (i.role, i.depth, i.dim) for n, i in c.layers.items()} == {
             "layer4": ("other", -1, 16),

@@ -112,7 +112,8 @@ def test_info_cache_and_checkpoint(tmp_path, data, ckpt):
     assert json.loads(res.stdout)["input_shape"] == [1, 32, 32]
     img = tmp_path / "img.npz"
     np.savez(img, x=np.zeros((6, 8, 8), np.uint8), y=np.arange(6) % 3)
-    res = runner.invoke(app, ["info", str(conv), "--arch", arch, "--data", str(img), "--json"])
+    probe = ["--data", str(img), "--normalize", "none"]  # uint8: explicit --normalize
+    res = runner.invoke(app, ["info", str(conv), "--arch", arch, *probe, "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["input_shape"] == [1, 8, 8]
 

@@ -269,8 +269,10 @@ NormalizeOpt = Annotated[
     str | None,
     typer.Option(
         "--normalize",
-        help="Input normalisation: 'mean=a,b,c;std=d,e,f', a preset (cifar10, cifar100, "
-        "mnist, imagenet) or 'auto'.",
+        help="Input preprocessing, required for image data (uint8, or values in 0..255): "
+        "'none' (uint8: x/255 only), a preset (cifar10, cifar10-0.2023, cifar100, "
+        "cifar100-0.2009, mnist, imagenet; applied after x/255), 'mean=a,b,c;std=d,e,f' or "
+        "'auto' (statistics of the data, shown in a note).",
     ),
 ]
 

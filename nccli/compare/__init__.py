@@ -241,6 +241,13 @@ def compare(
         )
         frames = _measure_all(ckpts, runs, opts, progress)
         notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
+        preps: dict[str, str] = {}  # each cache's recorded preprocessing → its first source
+        for s in sources:
+            if s.attrs.get("normalization") is not None:
+                preps.setdefault(str(s.attrs["normalization"]), s.label)
+        if len(preps) > 1:
+            mixed = "; ".join(f"{v} ({lab})" for v, lab in preps.items())
+            notes.append(f"sources mix input preprocessing ({mixed}): NC values are not comparable")
     finally:
         for s in sources:
             s.close()

@@ -17,7 +17,7 @@ from nccli.errors import DataError, UsageError
 from nccli.extract import distributed as dist_mod
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, resolve_device
 from nccli.extract.runner import Runner, Settings
-from nccli.report.console import progress_bar
+from nccli.report.console import print_notes, progress_bar
 
 __all__ = ["cache_path", "extract"]
 
@@ -147,6 +147,8 @@ def extract(
 
         ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
         try:
+            # image data need an explicit --normalize; what 'auto' chose is a note
+            print_notes(ds.require_normalize(), quiet=not progress or cfg.rank != 0)
             return _run_all(ds, str(data), split, cfg, paths, out, group, num_workers)
         finally:
             close = getattr(ds, "close", None)

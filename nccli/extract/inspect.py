@@ -15,6 +15,7 @@ from nccli.extract.devices import input_dtype, resolve_device
 from nccli.extract.discovery import discover_layers
 from nccli.extract.runner import PROBE_SAMPLES, eval_mode
 from nccli.io.cache import describe as describe_cache
+from nccli.report.console import print_notes
 
 __all__ = ["describe_cache", "describe_checkpoint"]
 
@@ -49,7 +50,9 @@ def describe_checkpoint(
 
     The probe is the first samples of ``data`` when given, else seeded noise shaped like
     the model's recorded input (``input_shape`` on the module, or an MLP's first linear
-    layer); a convolutional model without one needs ``data``.
+    layer); a convolutional model without one needs ``data``.  Image data need an
+    explicit ``normalize`` (as for ``extract``); ``"normalization"`` in the result is
+    what the probe applied (left out for the noise probe).
     """
     from nccli.io.checkpoints import load_model
 
@@ -64,7 +67,9 @@ def describe_checkpoint(
         from nccli.io.datasets import open_dataset
 
         with open_dataset(data, split=split, normalize=normalize) as ds:
+            print_notes(ds.require_normalize())  # image data need an explicit --normalize
             probe = next(iter(ds.iter_batches(PROBE_SAMPLES)))[0]
+            preprocessing = ds.normalization
     else:
         shape = _probe_shape(module)
         if shape is None:
@@ -75,6 +80,7 @@ def describe_checkpoint(
         # seeded noise rather than zeros: the head check compares values, and a hidden
         # relu between two linear layers is invisible on an all-zero probe
         probe = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+        preprocessing = None
     disc = discover_layers(module, probe.to(dev, input_dtype(module)), layers, source=str(path))
     return {
         "path": str(path),
@@ -84,6 +90,7 @@ def describe_checkpoint(
         "step": loaded.step,
         "sha256": loaded.sha256,
         "input_shape": list(disc.input_shape),
+        **({"normalization": preprocessing} if preprocessing is not None else {}),
         "num_logits": disc.num_logits,
         "classifier": disc.classifier,
         "head_depth": disc.head_depth,

@@ -22,7 +22,8 @@
 unpickled with an allow-list (dicts, lists, bytes, str and numpy arrays only); anything
 else is refused.  ``uint8`` inputs are images: they are scaled to [0, 1], ``(H, W)``
 becomes ``(1, H, W)`` and ``(H, W, C)`` becomes ``(C, H, W)``.  Other dtypes are cast to
-float32 as they are.  Labels are checked once at open (integer, >= 0, one per input);
+float32 as they are.  Image data (``uint8``, or values all in [0, 255] above 10) need an
+explicit ``normalize`` for ``extract`` (:meth:`ArrayDataset.require_normalize`).  Labels are checked once at open (integer, >= 0, one per input);
 inputs are checked for NaN/inf batch by batch.
 
 Modules: :mod:`.base` (the dataset, batching, label checks), :mod:`.preprocess` (layout,

@@ -18,7 +18,16 @@ import numpy as np
 import torch
 
 from nccli.errors import DataError, UsageError
-from nccli.io.datasets.preprocess import Layout, channel_stats, normalization, parse_normalize
+from nccli.io.datasets.preprocess import (
+    NORMALIZE_PRESETS,
+    PIXEL_PROBE,
+    Layout,
+    channel_stats,
+    needs_normalize,
+    normalization,
+    parse_normalize,
+    pixel_data,
+)
 
 __all__ = ["ArrayDataset", "ArraySource", "InputsHash", "Source", "block_rows", "validate_labels"]
 
@@ -131,9 +140,11 @@ class ArrayDataset:
 
     ``labels`` (int64) and ``indices`` (positions in the underlying split, ascending) cover
     the selected samples; ``input_shape`` is the per-sample shape *after* conversion
-    (``(C, H, W)`` for images).  ``normalization`` is the resolved ``mean=...;std=...``
-    string (``"auto"`` replaced by the numbers), or ``None``.  Close HDF5-backed datasets
-    with :meth:`close` or a ``with`` block.
+    (``(C, H, W)`` for images).  ``normalization`` records what is applied to the stored
+    values: ``"none"``, ``"mean=...;std=..."`` (``"auto"`` replaced by the numbers), each
+    after ``"uint8/255 then "`` for ``uint8`` inputs (``"uint8/255"`` alone for ``none``).
+    :meth:`require_normalize` refuses image data opened without an explicit ``normalize``.
+    Close HDF5-backed datasets with :meth:`close` or a ``with`` block.
     """
 
     def __init__(
@@ -175,9 +186,12 @@ class ArrayDataset:
         self._check_finite = source.dtype.kind == "f"
         self._mean: np.ndarray | None = None
         self._std: np.ndarray | None = None
-        self.normalization: str | None = None
-        if normalize is not None:
+        self._normalize = normalize
+        self._values: str | None = None  # the mean=...;std=... text (part of digest())
+        if normalize is not None and normalize.strip().lower() != "none":
             self._set_normalization(normalize)
+        scaled = "uint8/255" if self._layout.images else None
+        self.normalization: str = " then ".join(filter(None, (scaled, self._values))) or "none"
 
     # -- public ------------------------------------------------------------------------
 
@@ -214,6 +228,30 @@ class ArrayDataset:
             y = torch.from_numpy(self.labels[pos : pos + len(idx)].copy())
             yield torch.from_numpy(x), y, idx.copy()
 
+    def pixel_data(self) -> str | None:
+        """Why these inputs are image data (``"uint8"``, ``"float32 in 0..255"``: see
+        :func:`~nccli.io.datasets.preprocess.pixel_data`), or ``None``."""
+        if self._layout.images:
+            return "uint8"
+        idx = self.indices[: min(len(self), PIXEL_PROBE)]
+        return pixel_data(self._source.dtype, self._source.read(idx))
+
+    def require_normalize(self) -> list[str]:
+        """Refuse (``UsageError``, one line) image data opened without ``normalize``, and a
+        preset on image data that are not scaled to [0, 1]; the notes to show (what
+        ``auto`` chose)."""
+        given = self._normalize.strip().lower() if self._normalize is not None else None
+        what = self.pixel_data()
+        if what is not None and (given is None or (what != "uint8" and given in NORMALIZE_PRESETS)):
+            raise UsageError(needs_normalize(what, f"--data {self.spec}"))
+        if given != "auto":
+            return []
+        return [
+            f"--normalize auto: {self.normalization} (statistics of these {len(self)} "
+            "samples, not necessarily what the model was trained with; pass the training "
+            "values or a preset to be sure)"
+        ]
+
     def describe(self) -> str:
         """One line: format, spec, split, size, classes, input shape, preprocessing."""
         shape = "x".join(str(s) for s in self.input_shape)
@@ -224,8 +262,7 @@ class ArrayDataset:
         ]
         if len(self) < self._source.shape[0]:
             parts.append(f"{len(self)} of {self._source.shape[0]} evenly spaced")
-        if self.normalization:
-            parts.append(f"normalize {self.normalization}")
+        parts.append(f"preprocessing {self.normalization}")
         return ", ".join(parts)
 
     def inputs_hash(self, start: int = 0, stop: int | None = None) -> InputsHash:
@@ -249,7 +286,7 @@ class ArrayDataset:
         h = hashlib.sha256()
         head = (
             f"{self.spec}|{self.split}|{len(self)}/{self._source.shape[0]}|"
-            f"{self.normalization}|{self.input_shape}|{self.num_classes}"
+            f"{self._values}|{self.input_shape}|{self.num_classes}"
         )
         h.update(head.encode())
         h.update(self.indices.tobytes())
@@ -293,9 +330,7 @@ class ArrayDataset:
             mean, std = channel_stats(batches, self.input_shape[0])
         else:
             mean, std = parse_normalize(normalize)
-        self._mean, self._std, self.normalization = normalization(
-            mean, std, self.input_shape, self.where
-        )
+        self._mean, self._std, self._values = normalization(mean, std, self.input_shape, self.where)
 
 
 # --------------------------------------------------------------------------- open-time checks

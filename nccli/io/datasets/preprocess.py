@@ -2,8 +2,13 @@
 
 ``uint8`` inputs are images: they are scaled to [0, 1], ``(H, W)`` becomes ``(1, H, W)``
 and ``(H, W, C)`` becomes ``(C, H, W)``; other dtypes are cast to float32 as they are.
-``--normalize`` takes ``mean=...;std=...``, a preset name or ``auto`` (per-channel
+``--normalize`` takes ``none``, ``mean=...;std=...``, a preset name or ``auto`` (per-channel
 statistics of the selected samples, computed by the dataset in one extra pass).
+
+Preprocessing is never guessed: :func:`pixel_data` says when inputs are image data that
+need an explicit ``--normalize`` (``uint8``, or any other dtype whose first
+``PIXEL_PROBE`` selected samples all lie in [0, 255] and exceed ``PIXEL_LIMIT``), and
+:func:`needs_normalize` is the one line that asks for it.
 """
 
 from __future__ import annotations
@@ -16,14 +21,67 @@ import numpy as np
 
 from nccli.errors import UsageError
 
-__all__ = ["NORMALIZE_PRESETS", "Layout", "channel_stats", "normalization", "parse_normalize"]
+__all__ = [
+    "NORMALIZE_PRESETS",
+    "PIXEL_LIMIT",
+    "PIXEL_PROBE",
+    "Layout",
+    "channel_stats",
+    "needs_normalize",
+    "normalization",
+    "parse_normalize",
+    "pixel_data",
+]
 
+#: per-channel (mean, std) of pixels scaled to [0, 1].  ``cifar10``/``cifar100`` are the
+#: per-pixel std of the training set; ``-0.2023``/``-0.2009`` are the values most CIFAR
+#: training code (kuangliu/pytorch-cifar, many NC codebases) normalises with.
 NORMALIZE_PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar10-0.2023": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar100-0.2009": ((0.5071, 0.4865, 0.4409), (0.2009, 0.1984, 0.2023)),
     "mnist": ((0.1307,), (0.3081,)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+#: other inputs (float, integer but not uint8) are unscaled pixels when the first
+#: ``PIXEL_PROBE`` selected samples all lie in [0, 255] and reach above ``PIXEL_LIMIT``
+PIXEL_LIMIT = 10.0
+PIXEL_PROBE = 1024
+
+
+def pixel_data(dtype: np.dtype, probe: np.ndarray) -> str | None:
+    """Why inputs of ``dtype`` (``probe``: raw leading samples) are image data that need an
+    explicit ``--normalize`` (``"uint8"``, ``"float32 in 0..255"``), or ``None``: ``uint8``
+    always; any other dtype when every probed value lies in [0, 255] and one is above
+    :data:`PIXEL_LIMIT` (already-normalised arrays, features and [0, 1] images are not)."""
+    if dtype == np.uint8:
+        return "uint8"
+    if probe.size == 0 or probe.dtype.kind not in "biuf":
+        return None
+    lo, hi = float(np.min(probe)), float(np.max(probe))  # NaN: not pixels (and refused later)
+    if lo >= 0 and PIXEL_LIMIT < hi <= 255:
+        return f"{dtype} in {lo:g}..{hi:g}"
+    return None
+
+
+def needs_normalize(what: str, where: str) -> str:
+    """The one line asking for an explicit ``--normalize`` for image data ``what``."""
+    fmt = ",".join
+    if what != "uint8":  # not scaled to [0, 1]: the presets' numbers do not fit them
+        return (
+            f"{where}: image data ({what}) need an explicit --normalize: none (values as "
+            f"stored) or mean=...;std=... in their units (the presets {', '.join(NORMALIZE_PRESETS)} "
+            "are for pixels scaled to [0, 1]: store uint8 or divide by 255 first)"
+        )
+    presets = ", ".join(
+        f"{name} (mean {fmt(f'{v:g}' for v in m)} std {fmt(f'{v:g}' for v in s)})"
+        for name, (m, s) in NORMALIZE_PRESETS.items()
+    )
+    return (
+        f"{where}: image data (uint8) need an explicit --normalize: none (x/255 only), "
+        f"{presets}, or mean=...;std=... (applied after x/255)"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +128,8 @@ class Layout:
 def parse_normalize(text: str) -> tuple[list[float], list[float]]:
     """``"mean=0.5,0.5,0.5;std=0.2,0.2,0.2"`` or a preset name → ``(mean, std)``.
 
-    Presets: ``cifar10``, ``cifar100``, ``mnist``, ``imagenet``.  ``"auto"`` is resolved
-    by :class:`ArrayDataset` from the data itself.
+    Presets: see :data:`NORMALIZE_PRESETS`.  ``"none"`` and ``"auto"`` are resolved by
+    :class:`ArrayDataset` (no normalisation; statistics of the data itself).
     """
     preset = NORMALIZE_PRESETS.get(text.strip().lower())
     if preset is not None:
@@ -86,7 +144,7 @@ def parse_normalize(text: str) -> tuple[list[float], list[float]]:
             numbers = []
         if not eq or key not in ("mean", "std") or not numbers:
             raise UsageError(
-                f"--normalize {text!r}: expected 'mean=a,b,c;std=d,e,f', 'auto' or one of "
+                f"--normalize {text!r}: expected 'mean=a,b,c;std=d,e,f', 'none', 'auto' or one of "
                 f"{', '.join(NORMALIZE_PRESETS)}"
             )
         values[key] = numbers
