@@ -326,9 +326,11 @@ def test_logits_must_cover_the_labels(tmp_path, model):
 def test_option_errors(tmp_path, data, model):
     ckpt = save_state(model, tmp_path / "m.pt")
     (tmp_path / "b").mkdir()
-    save_state(model, tmp_path / "b" / "m.pt")
-    with pytest.raises(UsageError, match="same name"):
-        run([ckpt, tmp_path / "b" / "m.pt"], data, tmp_path / "out")
+    save_state(model, tmp_path / "b" / "m.pt")  # same name, another folder: b_m.h5
+    (tmp_path / "x" / tmp_path.name).mkdir(parents=True)
+    twin = save_state(model, tmp_path / "x" / tmp_path.name / "m.pt")  # same folder name too
+    with pytest.raises(UsageError, match="same file and folder name"):
+        run([ckpt, tmp_path / "b" / "m.pt", twin], data, tmp_path / "out")
     with pytest.raises(UsageError, match="--amp bf16 needs a CUDA device"):
         run([ckpt], data, tmp_path / "out", amp="bf16")
     with pytest.raises(UsageError, match="--dtype"):

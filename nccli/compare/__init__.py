@@ -4,7 +4,9 @@ The Python API behind ``nccli compare``.  Every input is measured with
 :func:`nccli.measure.measure_sources` and the rows are arranged for comparison:
 
 ``across="epochs"`` (default)
-    every checkpoint, ordered by epoch (then step, then file name) within each run
+    every checkpoint, ordered by epoch (then step) within each run, else by natural sort
+    of the paths, else as given (:func:`~nccli.compare.runs.trajectory_order`; a note says
+    which rule decided)
     (:mod:`nccli.report.compare_table` draws a table per (run, layer), a row per checkpoint).
 ``across="layers"``
     every layer of each checkpoint in depth order (NC through the network).
@@ -50,7 +52,7 @@ from typing import Any
 
 import pandas as pd
 
-from nccli.compare.runs import RunFrom, run_names
+from nccli.compare.runs import RunFrom, run_names, trajectory_order
 from nccli.compare.thresholds import (
     DELTA_PREFIX,
     Threshold,
@@ -180,10 +182,6 @@ class _Ckpt:
     def label(self) -> str:
         return self.source.label
 
-    def sort_key(self) -> tuple:
-        e, s = self.source.epoch, self.source.step
-        return (e is None, e or 0, s is None, s or 0, self.label, self.arg)
-
 
 def _as_list(x: str | Sequence[str] | None) -> list[str]:
     if x is None:
@@ -230,7 +228,7 @@ def compare(
     notes: list[str] = []
     sources = open_sources(list(paths), num_classes=num_classes)
     try:
-        ckpts, runs, baseline = _order(sources, run_of, by, baseline, across)
+        ckpts, runs, baseline = _order(sources, run_of, by, baseline, across, notes)
         opts = MeasureOptions(
             layers=layer_list,
             metrics=names,
@@ -318,9 +316,10 @@ def _order(
     by: By | None,
     baseline: str | None,
     across: Across,
+    notes: list[str],
 ) -> tuple[list[_Ckpt], list[str], str | None]:
-    """The checkpoints to measure in order (by run, then epoch/step/name), the runs in
-    order (the baseline first with ``by="run"``) and the baseline."""
+    """The checkpoints to measure in order (by run, then :func:`trajectory_order`), the
+    runs in order (the baseline first with ``by="run"``) and the baseline."""
     runs_of = run_names(sources, run_of)
     ckpts = [_Ckpt(s, r, i) for i, (s, r) in enumerate(zip(sources, runs_of, strict=True))]
     runs = list(dict.fromkeys(runs_of))
@@ -328,14 +327,30 @@ def _order(
         baseline = _check_runs(ckpts, runs, baseline)
         runs.remove(baseline)
         runs.insert(0, baseline)
-    run_rank = {r: i for i, r in enumerate(runs)}
-    ckpts.sort(key=lambda c: (run_rank[c.run], *c.sort_key()))
+    ckpts = _by_trajectory(ckpts, runs, notes)
     if across is Across.runs:
         last: dict[str, _Ckpt] = {}
         for c in ckpts:
             last[c.run] = c
         ckpts = list(last.values())
     return ckpts, runs, baseline
+
+
+def _by_trajectory(ckpts: list[_Ckpt], runs: list[str], notes: list[str]) -> list[_Ckpt]:
+    """Each run's checkpoints in trajectory order, runs in ``runs`` order; one note per rule
+    (``ordered 7 checkpoints by the epoch in their file names``)."""
+    out: list[_Ckpt] = []
+    rules: dict[str, list[int]] = {}
+    for run in runs:
+        mine = [c for c in ckpts if c.run == run]
+        order, rule = trajectory_order([c.source for c in mine])
+        out.extend(mine[i] for i in order)
+        if len(mine) > 1:
+            rules.setdefault(rule, []).append(len(mine))
+    for rule, sizes in rules.items():
+        of = f" of {len(sizes)} runs" if len(sizes) > 1 else ""
+        notes.append(f"ordered {sum(sizes)} checkpoints{of} {rule}")
+    return out
 
 
 def _measure_all(

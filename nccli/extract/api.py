@@ -49,10 +49,11 @@ def _check_options(
         raise UsageError("no checkpoint given; pass one or more checkpoint files")
     seen: dict[str, Path] = {}
     for p in paths:
-        other = seen.setdefault(p.stem, p)
+        name = cache_path(Path(), p, paths).name
+        other = seen.setdefault(name, p)
         if other != p:
             raise UsageError(
-                f"{p}: has the same name as {other}, so both would be cached as {p.stem}.h5; "
+                f"{p}: would be cached as {name} like {other} (same file and folder name); "
                 "extract them into different -o directories"
             )
     return paths
@@ -71,13 +72,31 @@ def _check_out_dir(out: Path) -> None:
         raise UsageError(f"-o {out}: {probe} is not writable; choose another -o directory")
 
 
-def cache_path(out: Path, ckpt: Path) -> Path:
-    """``<out>/<checkpoint stem>.h5``.  Only the checkpoint file's own name is used (never a
-    path or a name stored inside the checkpoint or the dataset), so a cache cannot land
-    outside ``out``."""
-    stem = ckpt.name[: -len(ckpt.suffix)] if ckpt.suffix else ckpt.name
+#: file names that say nothing about the checkpoint (Hugging Face Trainer folders): the
+#: cache is always named after the folder too, ``checkpoint-500_pytorch_model.h5``
+GENERIC_NAMES = frozenset({"pytorch_model.bin", "model.safetensors"})
+
+
+def _stem(p: Path) -> str:
+    return p.name[: -len(p.suffix)] if p.suffix else p.name
+
+
+def cache_path(out: Path, ckpt: Path, others: Sequence[Path] = ()) -> Path:
+    """``<out>/<checkpoint stem>.h5``, or ``<out>/<folder>_<stem>.h5`` when another of
+    ``others`` (the checkpoints extracted together) has the same stem in another folder
+    (``ep0/ckpt.pth``, ``ep1/ckpt.pth`` → ``ep0_ckpt.h5``, ``ep1_ckpt.h5``) or the file name
+    is a generic one (:data:`GENERIC_NAMES`).  Only the file's own name and its folder's name
+    are used (never a path or a name stored inside the checkpoint or the dataset), so a cache
+    cannot land outside ``out``."""
+    stem = _stem(ckpt)
     if not stem or "/" in stem or os.sep in stem:  # a file name never is, but be explicit
         raise UsageError(f"{ckpt}: cannot name a cache after this file; rename the checkpoint")
+    clash = ckpt.name in GENERIC_NAMES or any(
+        _stem(o) == stem and o.parent.resolve() != ckpt.parent.resolve() for o in others
+    )
+    folder = ckpt.resolve().parent.name if clash else ""
+    if folder and folder not in (".", "..") and "/" not in folder and os.sep not in folder:
+        stem = f"{folder}_{stem}"
     return out / f"{stem}.h5"  # '..pt' gives the file '..h5', still inside out
 
 
@@ -206,14 +225,14 @@ def _run_all(
         run = Runner(ds, data, split, cfg, bar, prefetch=2 * num_workers)
         for p in paths:
             if group is None:
-                written.append(run.one(p, cache_path(out, p)))
+                written.append(run.one(p, cache_path(out, p, paths)))
                 continue
             written.append(
                 dist_mod.run_checkpoint(
                     group,
                     lambda shard, p=p: run.one(p, shard),
                     p,
-                    cache_path(out, p),
+                    cache_path(out, p, paths),
                     np.asarray(ds.labels),
                     run.note if cfg.notes else lambda _: None,
                 )

@@ -91,7 +91,7 @@ def render_compare(result: CompareResult, console: Console) -> None:
         for m in metrics:
             table.add_column(_header(m), justify="right")
         columns = _add_rows(table, part, row_key, first_cols, metrics, crossed)
-        if result.across is not Across.runs and len(part.groupby(row_key, sort=False)) > 1:
+        if result.across is not Across.runs and len(_row_groups(part, row_key)) > 1:
             _trend_rows(
                 table,
                 len(first_cols),
@@ -125,7 +125,7 @@ def _add_rows(
 ) -> dict[str, list[float]]:
     """A row per ``row_key`` group of ``part``; returns each metric's column of values."""
     columns: dict[str, list[float]] = {m: [] for m in metrics}
-    for _, rows in part.groupby(row_key, sort=False):
+    for rows in _row_groups(part, row_key):
         first = rows.iloc[0]
         by_metric = dict(zip(rows["metric"], rows["value"], strict=True))
         cells = []
@@ -139,6 +139,25 @@ def _add_rows(
         lead = ["" if pd.isna(first[c]) else str(first[c]) for c in first_cols]
         table.add_row(*lead, *cells)
     return columns
+
+
+def _row_groups(part: pd.DataFrame, row_key: list[str]) -> list[pd.DataFrame]:
+    """The rows of each table row, in order: a run of consecutive rows with the same
+    ``row_key`` (and epoch, step) and no metric twice.  Grouping on the key alone would merge
+    checkpoints that share a label (``ep0/ckpt.h5``, ``ep1/ckpt.h5`` are both ``ckpt.h5``)
+    into one row showing the last one's values."""
+    keys = [c for c in dict.fromkeys([*row_key, "epoch", "step"]) if c in part.columns]
+    block = []
+    n, last, seen = -1, None, set()
+    for key, metric in zip(
+        part[keys].itertuples(index=False, name=None), part["metric"], strict=True
+    ):
+        key = tuple(None if pd.isna(v) else v for v in key)
+        if key != last or metric in seen:
+            n, last, seen = n + 1, key, set()
+        seen.add(metric)
+        block.append(n)
+    return [rows for _, rows in part.groupby(block, sort=True)]
 
 
 def _trend_rows(table: Table, lead: int, columns: list[list[float]], label: str) -> None:

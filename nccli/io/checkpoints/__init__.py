@@ -47,7 +47,7 @@ from nccli.io.checkpoints.base import CheckpointFormat, Contents, as_int
 from nccli.io.checkpoints.formats import FORMATS, detect_format
 from nccli.io.checkpoints.pickled import WRAPPER_KEYS
 from nccli.io.checkpoints.weights import STRIP_PREFIXES, build_target, load_into
-from nccli.io.names import epoch_step_from_name
+from nccli.io.names import epoch_step_from_path
 
 __all__ = [
     "FORMATS",
@@ -138,7 +138,8 @@ def _check_file(p: Path) -> None:
 
 
 def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
-    """Epoch and step: stored in the file (dict entries, then metadata), else from the name.
+    """Epoch and step: stored in the file (dict entries, then metadata), else from the name
+    (the file's, else its folder's: ``ep5/ckpt.pth``).
 
     A stored value that cannot be an epoch or step (see :func:`~.base.as_int`: negative,
     beyond int64, not ASCII digits) is not used, so the name decides; a number in the
@@ -148,7 +149,7 @@ def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
         epoch = as_int(got.meta.get("epoch"))
     if step is None:
         step = as_int(got.meta.get("step", got.meta.get("global_step")))
-    name_epoch, name_step = epoch_step_from_name(p.name)
+    name_epoch, name_step = epoch_step_from_path(p)  # the file's name, else its folder's
     epoch = as_int(name_epoch) if epoch is None else epoch
     step = as_int(name_step) if step is None else step
     return epoch, step
