@@ -31,6 +31,10 @@ MAX_DIST_TIMEOUT = 7 * 24 * 60.0
 DIST_PANEL = "Distributed (torchrun)"
 
 
+#: a boolean option's metavar: none (typer would show ``<bool>``, as if it took a value)
+FLAG = ""
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"nccli {__version__}")
@@ -38,10 +42,17 @@ def _version(value: bool) -> None:
 
 
 # ------------------------------------------------------------------------ root
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notes on stderr.")]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", metavar=FLAG, help="Show Python tracebacks for errors.")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No progress or notes on stderr.")
+]
 VersionOpt = Annotated[
-    bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    bool,
+    typer.Option(
+        "--version", metavar=FLAG, callback=_version, is_eager=True, help="Print the version."
+    ),
 ]
 
 # ---------------------------------------------------------------- data output
@@ -54,10 +65,15 @@ FormatOpt = Annotated[
     ),
 ]
 WideOpt = Annotated[
-    bool, typer.Option("--wide", help="One column per metric instead of tidy rows.")
+    bool, typer.Option("--wide", metavar=FLAG, help="One column per metric instead of tidy rows.")
 ]
 OutOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Write data here instead of stdout.")
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Write data here instead of stdout (without --format: .json, .tsv, else CSV).",
+    ),
 ]
 
 # ------------------------------------------------- shared by measure and compare
@@ -99,12 +115,17 @@ MeasureMetricsOpt = Annotated[
 ]
 PerClassOpt = Annotated[
     bool,
-    typer.Option("--per-class", help="Add per-class rows: n_k, σ_k², ||μ_k||, ||w_k||, cosines."),
+    typer.Option(
+        "--per-class",
+        metavar=FLAG,
+        help="Add per-class rows: n_k, σ_k², ||μ_k||, ||w_k||, cosines.",
+    ),
 ]
 RecomputeOpt = Annotated[
     bool,
     typer.Option(
         "--recompute",
+        metavar=FLAG,
         help="Stream the cached features again instead of using stored statistics.",
     ),
 ]
@@ -151,6 +172,7 @@ GeometryOpt = Annotated[
     bool,
     typer.Option(
         "--geometry",
+        metavar=FLAG,
         help="Add the cosine matrices of centred means and classifier rows "
         "(heatmaps in a table; rows with class, class2 in CSV/JSON).",
     ),
@@ -159,6 +181,7 @@ MeasureSkipNonfiniteOpt = Annotated[
     bool,
     typer.Option(
         "--skip-nonfinite",
+        metavar=FLAG,
         help="Drop feature-file rows with NaN/Inf (counted per class in a note) instead "
         "of failing.",
     ),
@@ -225,7 +248,9 @@ FailIfOpt = Annotated[
 ]
 FailIfLastOpt = Annotated[
     bool,
-    typer.Option("--fail-if-last", help="Check --fail-if on each run's last checkpoint only."),
+    typer.Option(
+        "--fail-if-last", metavar=FLAG, help="Check --fail-if on each run's last checkpoint only."
+    ),
 ]
 PlotOpt = Annotated[
     Path | None,
@@ -260,6 +285,7 @@ TrustOpt = Annotated[
     bool,
     typer.Option(
         "--trust-checkpoint",
+        metavar=FLAG,
         help="Allow what can execute code: full unpickling, TorchScript and torch.export "
         "(.pt2) programs (trusted files only).",
     ),
@@ -320,10 +346,12 @@ NumWorkersOpt = Annotated[
 ]
 ResumeOpt = Annotated[
     bool,
-    typer.Option("--resume", help="Continue an interrupted extraction from its .partial file."),
+    typer.Option(
+        "--resume", metavar=FLAG, help="Continue an interrupted extraction from its .partial file."
+    ),
 ]
 OverwriteOpt = Annotated[
-    bool, typer.Option("--overwrite", help="Redo caches that are already finished.")
+    bool, typer.Option("--overwrite", metavar=FLAG, help="Redo caches that are already finished.")
 ]
 DistBackendOpt = Annotated[
     DistBackend,
@@ -347,6 +375,7 @@ ExtractSkipNonfiniteOpt = Annotated[
     bool,
     typer.Option(
         "--skip-nonfinite",
+        metavar=FLAG,
         help="Drop samples with NaN/Inf features or logits in any layer from every layer "
         "(counted per class: a note and the skipped_nonfinite attribute) instead of "
         "failing.",
@@ -363,11 +392,14 @@ ProbeDataOpt = Annotated[
         "--data", "-d", help="Dataset for the probe batch (else the model's input shape)."
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", metavar=FLAG, help="Print JSON instead of tables.")
+]
 VerifyOpt = Annotated[
     bool,
     typer.Option(
         "--verify",
+        metavar=FLAG,
         help="Check a cache: statistics checksums, shapes, label range, class counts = "
         "label histogram; exit 1 naming the corrupt layer.",
     ),
@@ -376,6 +408,7 @@ DeepOpt = Annotated[
     bool,
     typer.Option(
         "--deep",
+        metavar=FLAG,
         help="With --verify: also recompute each layer's statistics from its features "
         "(must agree to 1e-8).",
     ),
