@@ -96,8 +96,9 @@ def extract(
     <stem>.rank<r>.h5; measure reads the shard set as one cache.  What the model code
     itself prints goes to stderr.
 
-    Examples: [b]nccli extract run/ep*.pt -d data.npz --arch resnet18:num_classes=10 -o cache[/b]
-    and [b]nccli extract ckpt.pt -d cifar10/ --model mypkg.nets:build -o cache --limit 5000[/b]
+    Examples: [b]nccli extract run/ep*.pt -d digits.npz --arch mlp:in_dim=64,widths=256-128,num_classes=10
+    -o cache[/b] and [b]nccli extract ckpt.pt -d cifar10/ --normalize cifar10 --model
+    mypkg.nets:build -o cache --limit 5000[/b]
     """
     with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
         refuse_flag_values(checkpoints)
