@@ -179,11 +179,15 @@ def check_size(
     compressed: str,
     error: ErrorType = DataError,
     hint: str = "",
+    every_chunk: bool = True,
 ) -> None:
     """Refuse ``ds`` before any of it is read when its declared size is not backed by what
     the file stores (see the module docstring).  ``compressed`` is ``"refuse"``,
     ``"whole"`` or ``"stream"``; ``what`` names the array in the message, ``hint`` (``"re-extract
-    it"``) ends the messages of a forged or truncated file."""
+    it"``) ends the messages of a forged or truncated file.  ``every_chunk``: every declared
+    chunk must be stored — true of what nccli writes; a dataset written in part by someone
+    else legitimately leaves chunks unwritten (they read as the fill value, costing no
+    hidden memory), so inputs pass ``False``."""
     forged = f"the file is truncated or forged{f', {hint}' if hint else ''}"
     if not isinstance(ds, h5py.Dataset):
         raise error(f"{where}: {what} is a group, not an array")
@@ -206,7 +210,7 @@ def check_size(
             f"{where}: {what} is compressed in chunks of {chunk} bytes, more than nccli "
             f"decompresses at once ({MAX_CHUNK_BYTES}); re-chunk it (h5repack -l CHUNK=...)"
         )
-    if ds.chunks is not None:
+    if ds.chunks is not None and every_chunk:
         want = math.prod(-(-s // c) for s, c in zip(ds.shape, ds.chunks, strict=True))
         have = int(ds.id.get_num_chunks()) if want else 0
         if have < want:
@@ -215,7 +219,7 @@ def check_size(
                 f"stores {have} of them; {forged}"
             )
     if not filtered:
-        if stored < declared:
+        if stored < declared and (every_chunk or ds.chunks is None):
             raise error(
                 f"{where}: {what} declares {declared} bytes but the file stores {stored}; {forged}"
             )

@@ -105,6 +105,17 @@ def remove_created(path: str | os.PathLike[str], ident: FileId | None) -> None:
             os.unlink(path)
 
 
+def _keep_mode(fd: int, target: Path) -> None:
+    """An output that replaces an existing file keeps that file's permission bits (the
+    rename gives the target a new inode: a group-writable result stays group-writable)."""
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+
+
 def create_exclusive(tmp: str | os.PathLike[str], mode: int = 0o644, flag: str = "-o") -> int:
     """Create ``tmp`` for writing; never follows, truncates or reuses what is there."""
     try:
@@ -296,6 +307,7 @@ def atomic_output(
         fd = create_exclusive(tmp, flag=flag)
         ident = file_id(os.fstat(fd))
         try:
+            _keep_mode(fd, target)
             if mode == "wb":
                 fh = os.fdopen(fd, "wb")
             else:

@@ -303,10 +303,10 @@ class ArraySource(Source):
                 )
         feats, labels = get("features"), get("labels")
         if self._h5 is not None:  # npz members were checked as they were opened
-            check_size(feats, str(p), "'features'", compressed="stream")
+            check_size(feats, str(p), "'features'", compressed="stream", every_chunk=False)
             for key in ("labels", "weight", "bias", "epoch"):
                 if get(key) is not None:
-                    check_size(get(key), str(p), f"{key!r}", compressed="whole")
+                    check_size(get(key), str(p), f"{key!r}", compressed="whole", every_chunk=False)
         if feats.ndim != 2:
             raise DataError(f"{p}: 'features' must be 2-D (N, d), got shape {feats.shape}")
         if labels.ndim != 1 or labels.shape[0] != feats.shape[0]:

@@ -440,3 +440,16 @@ def test_zip_written_by_python_still_loads(cli, good, tmp_path) -> None:
     res = cli(extract_argv(path, good.data, tmp_path / "out"), cwd=tmp_path)
     assert_clean_failure(res, 0, ())
     assert (tmp_path / "out" / "repacked.h5").is_file()
+
+
+def test_cifar_batch_that_is_a_fifo_is_refused(cli, good, tmp_path) -> None:
+    """A FIFO named like a batch would block the read for ever."""
+    folder = tmp_path / "cifar"
+    folder.mkdir()
+    batch = {b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}
+    (folder / "data_batch_1").write_bytes(pickle.dumps(batch, protocol=2))
+    os.mkfifo(folder / "data_batch_2")
+    argv = extract_argv(good.ckpt, folder, tmp_path / "out", "--normalize", "none")
+    res = cli.wait(cli.start(argv, cwd=tmp_path), 15)
+    assert_refused(res, 1, "data_batch_2", ("FIFO", "not a regular file"))
+    assert_no_finished_output(tmp_path)

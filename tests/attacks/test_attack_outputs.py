@@ -14,6 +14,7 @@ import io
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -288,3 +289,14 @@ def test_full_disk_is_one_line_and_no_crash(good, tmp_path, fsize) -> None:
     assert "run_ep005.h5.partial: writing the cache failed" in lines[0], lines
     assert "full" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_replaced_result_keeps_its_permissions(cli, good, tmp_path) -> None:
+    """The result is a new file renamed over the old one; it keeps the old one's mode."""
+    target = tmp_path / "result.csv"
+    target.write_text("old\n")
+    target.chmod(0o664)
+    res = cli(_measure(good), cwd=tmp_path)
+    assert res.code == 0, res
+    assert target.read_text().startswith("source,")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o664

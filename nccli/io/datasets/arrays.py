@@ -187,8 +187,8 @@ def open_hdf5(req: DataRequest, path: Path) -> ArrayDataset:
             keys, req.selector, req.split, path, lambda n: isinstance(f.get(n), h5py.Dataset)
         )
         where = f"{path}:{xk},{yk}"
-        check_size(f[xk], str(path), f"inputs {xk!r}", compressed="stream")
-        check_size(f[yk], str(path), f"labels {yk!r}", compressed="whole")
+        check_size(f[xk], str(path), f"inputs {xk!r}", compressed="stream", every_chunk=False)
+        check_size(f[yk], str(path), f"labels {yk!r}", compressed="whole", every_chunk=False)
         return ArrayDataset(
             spec=req.spec,
             kind="hdf5",

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from nccli.errors import DataError
-from nccli.io._util import one_line
+from nccli.io._util import check_input_file, one_line
 from nccli.io.datasets.base import ArrayDataset, ArraySource
 from nccli.io.datasets.request import DataRequest
 
@@ -31,7 +31,9 @@ __all__ = ["RestrictedUnpickler", "find_cifar", "open_cifar"]
 
 
 def _is_cifar10(sub: Path) -> bool:
-    return sub.is_dir() and (any(sub.glob("data_batch_*")) or (sub / "test_batch").is_file())
+    return sub.is_dir() and (
+        any(p.is_file() for p in sub.glob("data_batch_*")) or (sub / "test_batch").is_file()
+    )
 
 
 def _is_cifar100(sub: Path) -> bool:
@@ -228,6 +230,7 @@ def _resolve(obj: Any, up: RestrictedUnpickler, depth: int, done: dict[int, Any]
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
+    check_input_file(path, "CIFAR batch")  # a FIFO named like a batch would hang the read
     try:
         with path.open("rb") as f:
             obj = RestrictedUnpickler(f, path).load()
@@ -288,6 +291,7 @@ def _open_cifar10(req: DataRequest, root: Path) -> ArrayDataset:
     split, common = req.split, req.common
     if split == "train":
         files = sorted(root.glob("data_batch_*"), key=lambda p: (len(p.name), p.name))
+        # a batch that is no regular file (a FIFO, a device) is refused in _unpickle
     elif split == "test":
         files = [root / "test_batch"] if (root / "test_batch").is_file() else []
     else:
