@@ -113,6 +113,9 @@ def _from_name(source: Source, field: str) -> bool:
     folder name, for a cache) gives."""
     value = getattr(source, field)
     attrs = source.attrs or {}
+    origin = attrs.get(f"{field}_from")  # recorded by extract: "checkpoint" or "name"
+    if origin is not None:
+        return origin == "name"
     names = [source.path, *([attrs["checkpoint"]] if attrs.get("checkpoint") else [])]
     i = 0 if field == "epoch" else 1
     return any(epoch_step_from_path(str(n))[i] == value for n in names)

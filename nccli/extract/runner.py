@@ -116,6 +116,8 @@ class _Model:
     arch: str | None
     epoch: int | None
     step: int | None
+    epoch_from: str | None = None  # "checkpoint" | "name"
+    step_from: str | None = None
 
 
 class Runner:
@@ -248,6 +250,8 @@ class Runner:
             loaded.arch,
             loaded.epoch,
             loaded.step,
+            loaded.epoch_from,
+            loaded.step_from,
         )
 
     def _attrs(self, ckpt: Path, m: _Model, start: int, inputs: Any) -> dict[str, Any]:
@@ -265,6 +269,8 @@ class Runner:
             "arch": m.arch or f"<{m.format} module>",
             "epoch": m.epoch,
             "step": m.step,
+            "epoch_from": m.epoch_from,
+            "step_from": m.step_from,
             "torch_version": str(torch.__version__),
             "device": device_label(cfg.device),
             "amp": cfg.amp,

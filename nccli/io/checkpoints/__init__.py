@@ -78,6 +78,10 @@ class LoadedCheckpoint:
     path: Path
     arch: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    #: where ``epoch`` / ``step`` came from: ``"checkpoint"`` (stored in it), ``"name"``
+    #: (its file or folder name) or ``None`` (unknown)
+    epoch_from: str | None = None
+    step_from: str | None = None
 
 
 def load_model(
@@ -105,13 +109,22 @@ def load_model(
     _check_file(p)
     digest = file_sha256(p)
     got = detect_format(p).read(p, trust_checkpoint, map_location)
-    epoch, step = _epoch_step(p, got)
+    stored = _epoch_step(p, got)
+    epoch, step = _from_names(p, *stored)
+    # where each number came from: the cache records it, so a trajectory can say why it
+    # is ordered as it is
+    origin = {
+        k: None if v is None else "checkpoint" if s is not None else "name"
+        for k, v, s in (("epoch", epoch, stored[0]), ("step", step, stored[1]))
+    }
     module, label = _module_for(p, got, arch, model)
     if isinstance(map_location, (str, torch.device)):
         module = module.to(map_location)
     if module is not got.whole or got.format != "export":  # an exported graph is traced: no .eval()
         module.eval()
-    return LoadedCheckpoint(module, got.format, epoch, step, digest, p, label, got.meta)
+    return LoadedCheckpoint(
+        module, got.format, epoch, step, digest, p, label, got.meta, origin["epoch"], origin["step"]
+    )
 
 
 def _check_file(p: Path) -> None:
@@ -138,18 +151,23 @@ def _check_file(p: Path) -> None:
 
 
 def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
-    """Epoch and step: stored in the file (dict entries, then metadata), else from the name
-    (the file's, else its folder's: ``ep5/ckpt.pth``).
+    """Epoch and step stored in the file (dict entries, then metadata).
 
     A stored value that cannot be an epoch or step (see :func:`~.base.as_int`: negative,
-    beyond int64, not ASCII digits) is not used, so the name decides; a number in the
-    name beyond int64 is not used either (a cache records it as an int64)."""
+    beyond int64, not ASCII digits) is not used, so the name decides."""
     epoch, step = got.epoch, got.step
     if epoch is None:
         epoch = as_int(got.meta.get("epoch"))
     if step is None:
         step = as_int(got.meta.get("step", got.meta.get("global_step")))
-    name_epoch, name_step = epoch_step_from_path(p)  # the file's name, else its folder's
+    return epoch, step
+
+
+def _from_names(p: Path, epoch: int | None, step: int | None) -> tuple[int | None, int | None]:
+    """Fill what the file does not store from its name (the file's, else its folder's:
+    ``ep5/ckpt.pth``); a number in the name beyond int64 is not used (a cache records it as
+    an int64)."""
+    name_epoch, name_step = epoch_step_from_path(p)
     epoch = as_int(name_epoch) if epoch is None else epoch
     step = as_int(name_step) if step is None else step
     return epoch, step
