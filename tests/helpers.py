@@ -131,3 +131,20 @@ def fold_and_merge(shards, steps, H: np.ndarray, y: np.ndarray, num_classes: int
         del items[j]
     (merged,) = items
     return merged
+
+
+def write_features_npz(
+    path: Path, num_classes: int, n: int = 60, dim: int = 4, seed: int = 3
+) -> Path:
+    """A plain features file for ``measure``: ``features`` (n, dim) clustered by class,
+    ``labels``, a random classifier ``weight`` and a zero ``bias``."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % num_classes
+    np.savez(
+        path,
+        features=rng.normal(size=(n, dim)) + 3 * np.eye(num_classes, dim)[y],
+        labels=y,
+        weight=rng.normal(size=(num_classes, dim)),
+        bias=np.zeros(num_classes),
+    )
+    return path

@@ -44,7 +44,7 @@ from cli_harness import (
     assert_clean_failure,
     assert_no_finished_output,
 )
-from helpers import Evil, python_m_nccli, save_state_dict, write_cluster_npz
+from helpers import Evil, python_m_nccli, save_state_dict, write_cluster_npz, write_features_npz
 
 from nccli import zoo
 
@@ -82,15 +82,7 @@ def ws(tmp_path_factory: pytest.TempPathFactory, cli: ForkCLI) -> Workspace:
     write_cluster_npz(root / "big.npz", BIG_N, BIG_D, K, seed=2)
     save_state_dict(root / "run_ep005.pt", ARCH)
     torch.save(zoo.build(BIG_ARCH).state_dict(), root / "big.pt")  # torch's RNG runs on
-    rng = np.random.default_rng(3)
-    y = np.arange(60) % K
-    np.savez(
-        root / "feats.npz",
-        features=rng.normal(size=(60, 4)) + 3 * np.eye(K, 4)[y],
-        labels=y,
-        weight=rng.normal(size=(K, 4)),
-        bias=np.zeros(K),
-    )
+    write_features_npz(root / "feats.npz", K)
     res = cli(extract(root / "run_ep005.pt", root / "data.npz", root / "cache"), cwd=root)
     assert res.code == 0, res
     return Workspace(

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 from attack_kit import ARCH, D, Good, K, N, extract_argv
 from cli_harness import ForkCLI
-from helpers import save_state_dict, write_cluster_npz
+from helpers import save_state_dict, write_cluster_npz, write_features_npz
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +35,7 @@ def good(tmp_path_factory: pytest.TempPathFactory, cli: ForkCLI) -> Good:
     root = tmp_path_factory.mktemp("good")
     write_cluster_npz(root / "data.npz", N, D, K, seed=1)
     save_state_dict(root / "run_ep005.pt", ARCH)
-    rng = np.random.default_rng(3)
-    y = np.arange(60) % K
-    np.savez(
-        root / "feats.npz",
-        features=rng.normal(size=(60, 4)) + 3 * np.eye(K, 4)[y],
-        labels=y,
-        weight=rng.normal(size=(K, 4)),
-        bias=np.zeros(K),
-    )
+    write_features_npz(root / "feats.npz", K)
     res = cli(extract_argv(root / "run_ep005.pt", root / "data.npz", root / "cache"), cwd=root)
     assert res.code == 0, res
     return Good(
