@@ -79,10 +79,16 @@ def open_failure(
 
 
 def open_input(
-    path: str | os.PathLike[str], what: str, *, error: ErrorType = DataError
+    path: str | os.PathLike[str],
+    what: str,
+    *,
+    error: ErrorType = DataError,
+    contents: bool = True,
 ) -> h5py.File:
     """``path`` opened read-only as HDF5, after checking it is a regular file and that
-    nothing inside it points outside it (:func:`check_contents`).
+    nothing inside it points outside it (:func:`check_contents`; ``contents=False`` skips
+    that walk for a caller that reads root attributes only and hands the file on to a
+    reader that walks it).
 
     An ``OSError`` of a file that is not readable HDF5 (a failed open, a structure that
     cannot be walked) is left to the caller, whose message says what the file should be;
@@ -97,7 +103,8 @@ def open_input(
             raise fail from None
         raise
     try:
-        check_contents(f, str(path), error)
+        if contents:
+            check_contents(f, str(path), error)
     except BaseException:
         f.close()
         raise

@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
+    "DISK_FULL",
     "OutputLock",
     "atomic_output",
     "clear_stale",
@@ -57,6 +58,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 
 FileId = tuple[int, int]
+#: errno values of a write that failed for want of space (disk, quota, file-size limit)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)})
 
 
 def partial_path(target: str | os.PathLike[str]) -> Path:

@@ -7,7 +7,6 @@ link planted at either name is refused, and a second nccli writing the same file
 
 from __future__ import annotations
 
-import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ import pandas as pd
 from rich.console import Console
 
 from nccli.errors import DataError, UsageError
-from nccli.io.safe import atomic_output
+from nccli.io.safe import DISK_FULL, atomic_output
 from nccli.report.console import stdout_console
 from nccli.report.data import OutputFormat, write_data
 from nccli.report.measure_table import render_measure_table
@@ -48,7 +47,7 @@ def write_file(df: pd.DataFrame, fmt: OutputFormat, output: Path, *, as_wide: bo
         with atomic_output(output, "w", encoding="utf-8", newline="") as fh:
             write_data(df, fmt, fh, as_wide=as_wide)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if exc.errno in DISK_FULL:
             raise DataError(
                 f"{output}: cannot write ({exc.strerror or exc}): the disk (or a file-size "
                 "limit) is full; free disk space or choose another -o"

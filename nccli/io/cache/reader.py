@@ -278,7 +278,8 @@ def is_cache(path: str | os.PathLike[str]) -> bool:
     if os.path.isdir(path):
         return False
     try:
-        f = open_input(path, "input")
+        # root attributes only: the reader that opens the file next walks its contents
+        f = open_input(path, "input", contents=False)
     except NCError:
         raise  # a FIFO, no file descriptors left, a link out of the file: say so
     except Exception:  # noqa: BLE001 - not HDF5, unreadable, truncated

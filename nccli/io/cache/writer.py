@@ -18,7 +18,6 @@ a partial this writer created — or resumed, under its lock — is ever removed
 from __future__ import annotations
 
 import datetime as _dt
-import errno as _errno
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from nccli.io._util import one_line
 from nccli.io.cache.elements import FORMAT_VERSION, ROOT, write_stats
 from nccli.io.cache.encoding import IOSpec, get_spec, read_attr, write_elem
 from nccli.io.safe import (
+    DISK_FULL,
     FileId,
     OutputLock,
     clear_stale,
@@ -49,9 +49,6 @@ from nccli.layers import Layer
 from nccli.stats import ClassStats
 
 __all__ = ["CacheWriter", "claim_output", "partial_path"]
-
-
-_FULL = {_errno.ENOSPC, _errno.EFBIG, getattr(_errno, "EDQUOT", _errno.ENOSPC)}
 
 
 def _fapl() -> Any:
@@ -147,7 +144,7 @@ def _write_failed(where: Path, exc: BaseException) -> DataError:
     said = re.search(r"error message = '([^']*)'", text)
     num = _errno_of(exc)
     reason = said.group(1) if said else (os.strerror(num) if num else one_line(text, 120))
-    if num in _FULL:
+    if num in DISK_FULL:
         hint = "the disk (or a file-size limit) is full: free disk space or choose another -o"
     else:
         hint = "check the disk space and that the output directory is writable"
@@ -200,14 +197,14 @@ class CacheWriter:
             self._open()
         except BaseException as exc:
             self._discard()
-            if isinstance(exc, (OSError, RuntimeError)) and _errno_of(exc) in _FULL:
+            if isinstance(exc, (OSError, RuntimeError)) and _errno_of(exc) in DISK_FULL:
                 raise _write_failed(self.tmp, exc) from exc
             if isinstance(exc, OSError):
                 raise self._cannot_write(exc) from exc
             raise
 
     def _cannot_write(self, exc: OSError) -> DataError:
-        if _errno_of(exc) in _FULL:
+        if _errno_of(exc) in DISK_FULL:
             return _write_failed(self.tmp, exc)
         return DataError(
             f"{self.tmp}: cannot write the cache ({exc.strerror or exc}); "
