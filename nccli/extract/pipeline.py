@@ -38,6 +38,7 @@ class Rows:
     ready: torch.cuda.Event | None = None
     rows_read: int | None = None  # dataset rows consumed (--skip-nonfinite drops some)
     skipped: np.ndarray | None = None  # samples dropped per class so far
+    inputs: tuple[int, int, np.ndarray] | None = None  # digests of the inputs read so far
 
 
 class BackgroundWriter:
@@ -73,6 +74,7 @@ class BackgroundWriter:
                     item.logits.numpy(),
                     rows_read=item.rows_read,
                     skipped=item.skipped,
+                    inputs=item.inputs,
                 )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
                 self.error = exc

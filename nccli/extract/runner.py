@@ -20,7 +20,6 @@ re-hashes the rows a partial holds and refuses when they no longer match.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from nccli.extract.discovery import Discovery, discover_layers, logits_of
 from nccli.extract.pipeline import BackgroundWriter, Rows, prefetch, to_host
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_resumable
-from nccli.io.cache.state import inputs_record, record_inputs
+from nccli.io.cache.state import inputs_record
 from nccli.io.cache.writer import claim_output
 from nccli.report.console import print_notes
 from nccli.stats import ClassStats
@@ -406,8 +405,7 @@ class Runner:
             return (x.pin_memory() if cuda else x), y, idx, hashed
 
         cap = Capture(m.module, m.disc.layers, src)
-        rec = _RecordingWriter(writer, inputs.block)
-        bg = BackgroundWriter(rec)  # duck-typed: it calls write_rows and names tmp
+        bg = BackgroundWriter(writer)
         row = done
         try:
             batches = _hashed(self.ds, inputs, start + read, cfg.batch_size)
@@ -415,7 +413,7 @@ class Runner:
                 item = self._forward(m, cap, stats, x, y, idx, src, skipped)
                 read += int(len(idx))
                 item.start, item.rows_read = row, read if skipped is not None else None
-                rec.expect(hashed)
+                item.inputs = (inputs.block, *hashed)  # recorded with the rows, in one flush
                 bg.submit(item)
                 row += len(item.indices)
                 if task is not None:
@@ -532,24 +530,3 @@ def _hashed(ds: Any, inputs: Any, start: int, batch_size: int) -> Iterator[tuple
     digests of the inputs read up to and including it (taken in the loader, as it is read)."""
     for x, y, idx in ds.iter_batches(batch_size, start, inputs.stop, inputs=inputs):
         yield x, y, idx, (inputs.rows, inputs.blocks())
-
-
-class _RecordingWriter:
-    """The :class:`CacheWriter` as the background writer thread sees it: before a batch's
-    rows are written (the write flushes), the digests of the inputs read up to that batch
-    are recorded in the partial, so that its record always covers exactly its rows."""
-
-    def __init__(self, writer: CacheWriter, block: int) -> None:
-        self.writer = writer
-        self.tmp = writer.tmp
-        self.block = block
-        self._pending: deque[tuple[int, np.ndarray]] = deque()
-
-    def expect(self, hashed: tuple[int, np.ndarray]) -> None:
-        """The record of the next batch handed to the writer thread (in order)."""
-        self._pending.append(hashed)
-
-    def write_rows(self, *args: Any, **kwargs: Any) -> None:
-        rows, blocks = self._pending.popleft()
-        record_inputs(self.writer.h5, self.block, rows, blocks)
-        self.writer.write_rows(*args, **kwargs)

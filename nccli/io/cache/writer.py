@@ -34,6 +34,7 @@ from nccli.errors import CacheError, DataError
 from nccli.io._util import one_line
 from nccli.io.cache.elements import FORMAT_VERSION, ROOT, write_stats
 from nccli.io.cache.encoding import IOSpec, get_spec, read_attr, write_elem
+from nccli.io.cache.state import record_inputs
 from nccli.io.safe import (
     DISK_FULL,
     FileId,
@@ -328,8 +329,13 @@ class CacheWriter:
         *,
         rows_read: int | None = None,
         skipped: np.ndarray | None = None,
+        inputs: tuple[int, int, np.ndarray] | None = None,
     ) -> None:
         """Write rows ``start:start+B``, advance ``rows_done`` and flush.
+
+        ``inputs`` — ``(block_rows, hashed_rows, block digests)`` of the dataset inputs read
+        so far — is recorded in the same flush, so the partial's record always covers
+        exactly its rows (:func:`nccli.io.cache.state.record_inputs`).
 
         ``rows_read`` (dataset rows consumed, when some were dropped) and ``skipped``
         (samples dropped per class so far) are recorded for ``--resume`` and finalize.
@@ -349,6 +355,8 @@ class CacheWriter:
                 f.attrs["rows_read"] = int(rows_read)
             if skipped is not None:
                 f.attrs["skipped_nonfinite"] = np.asarray(skipped, dtype=np.int64)
+            if inputs is not None:
+                record_inputs(f, *inputs)
             f.flush()
         except (OSError, RuntimeError) as exc:
             raise _write_failed(self.tmp, exc) from exc
