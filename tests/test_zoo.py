@@ -11,7 +11,7 @@ from nccli.errors import UsageError
 
 
 def test_available_lists_every_builtin() -> None:
-    assert zoo.available() == ["mlp", "resnet18", "vgg11", "vgg13"]
+    assert zoo.available() == ["mlp", "resnet18", "resnet18_tv", "vgg11", "vgg13"]
 
 
 def test_mlp_structure_and_deep_linear_head() -> None:
@@ -169,7 +169,7 @@ def test_build_from_spec_records_arch_and_rebuilds_identically() -> None:
 
 
 def test_build_errors_are_usage_errors() -> None:
-    with pytest.raises(UsageError, match="available: mlp, resnet18, vgg11, vgg13"):
+    with pytest.raises(UsageError, match="available: mlp, resnet18, resnet18_tv, vgg11, vgg13"):
         zoo.build("resnet50", num_classes=10)
     with pytest.raises(UsageError, match="depth_of_head"):
         zoo.build("resnet18", num_classes=10, depth_of_head=2)

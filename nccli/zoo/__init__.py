@@ -9,6 +9,11 @@
 Every factory takes only plain values (int, float, bool, None, lists of numbers), so
 ``format_arch(name, kwargs)`` is a string a cache can record and ``parse_arch`` reads back.
 Built models carry that string as ``model.nccli_arch``.
+
+``resnet18`` (kuangliu/pytorch-cifar's key names, classifier ``classifier``) and
+``resnet18_tv`` (torchvision's names, ``stem="cifar"`` or ``"imagenet"``) also load each
+other's state dicts and kuangliu's: the checkpoint loader calls a model's
+``nccli_adapt_state(state)`` before checking keys (see :mod:`nccli.zoo.layouts`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from nccli.errors import UsageError
-from nccli.zoo.cnn import VGG, ResNet18
+from nccli.zoo.cnn import VGG, ResNet18, ResNet18TV
 from nccli.zoo.heads import simplex_etf
 from nccli.zoo.mlp import MLP
 
@@ -30,6 +35,7 @@ __all__ = [
     "MLP",
     "VGG",
     "ResNet18",
+    "ResNet18TV",
     "available",
     "build",
     "format_arch",
@@ -168,5 +174,6 @@ def format_arch(name: str, kwargs: dict[str, Any]) -> str:
 # constructor signatures, so the recorded spec always names real parameters.
 register("mlp")(MLP)
 register("resnet18")(ResNet18)
+register("resnet18_tv")(ResNet18TV)
 register("vgg11")(functools.partial(VGG, 11))
 register("vgg13")(functools.partial(VGG, 13))
