@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CHAIN_ROLES", "ROLES", "SIDES", "Layer", "compose_classifiers", "head_chain"]
+__all__ = [
+    "CHAIN_ROLES",
+    "ROLES",
+    "SIDES",
+    "Layer",
+    "compose_classifiers",
+    "head_chain",
+    "show_classifier_input",
+]
 
 #: what a layer is in the network
 ROLES = ("penultimate", "linear", "classifier", "other")
@@ -93,6 +101,19 @@ class Layer:
             "weight": shape,
             "bias": self.bias is not None,
         }
+
+
+def show_classifier_input(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``nccli info``'s layer rows with the input of the final classifier marked: a model
+    whose head is one linear layer stores that layer as ``penultimate``, and it is the
+    ``classifier`` input too (``--layer classifier`` selects it), so its role reads
+    ``penultimate, classifier``."""
+    if any(r.get("role") == "classifier" for r in rows):
+        return rows
+    top = [r for r in rows if r.get("role") == "penultimate" and r.get("weight") is not None]
+    if top:
+        top[-1]["role"] = "penultimate, classifier"
+    return rows
 
 
 def head_chain(views: Sequence[Any]) -> list[Any]:

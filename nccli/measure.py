@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 
 from nccli import analyses
-from nccli.errors import UsageError
-from nccli.io.sources import LayerView, Source, open_sources
+from nccli.classes import MeasuredView, class_labels, select_classes
+from nccli.errors import DataError, UsageError
+from nccli.io.sources import Source, open_sources
+from nccli.layers import head_chain
 from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
 
 TIDY_COLUMNS = ["source", "epoch", "layer", "metric", "value"]
@@ -40,6 +42,8 @@ class MeasureOptions:
     recompute: bool = False
     chunk_rows: int = 8192
     num_classes: int | None = None
+    #: classes with fewer samples are left out of every metric (nccli.classes)
+    min_class_count: int = 1
     notes: list[str] = field(default_factory=list)
     # seed-paper analyses (nccli.analyses): training setup of the run, --geometry rows
     loss: str | None = None  # "ce" | "mse" | None (unknown)
@@ -49,29 +53,62 @@ class MeasureOptions:
     geometry: bool = False
 
 
-def select_layers(source: Source, patterns: Sequence[str] | None) -> list[LayerView]:
-    """Layers of ``source`` matching names / globs / roles (all when ``patterns`` is empty)."""
-    views = list(source.layers.values())
+def select_layers(
+    source: Source, patterns: Sequence[str] | None, views: Sequence[Any] | None = None
+) -> list[Any]:
+    """Layers of ``source`` matching names / globs / roles (all when ``patterns`` is empty).
+
+    ``views`` are the source's views to choose from (default: its own, in depth order).
+    Role ``classifier`` is the input of the final linear classifier in every model: the
+    top of the linear head, which is also the ``penultimate`` layer of a model whose
+    head is one linear layer."""
+    views = list(source.layers.values()) if views is None else list(views)
     if not patterns or list(patterns) == ["all"]:
         return views
-    out: list[LayerView] = []
+    chain = head_chain(views)
+    top = chain[-1] if chain else None
+    out: list[Any] = []
     for pat in patterns:
         hit = [
             v
             for v in views
             if fnmatch.fnmatchcase(v.name, pat)
             or v.role == pat
+            or (pat == "classifier" and v is top)
             or (pat == "head" and v.role != "other")
         ]
         if not hit:
             raise UsageError(
                 f"{source.path}: no layer matches {pat!r}; layers are {', '.join(source.layers)}"
+                + ("" if top is not None or pat != "classifier" else " (none feeds a classifier)")
             )
         out.extend(v for v in hit if v not in out)
     return out
 
 
-def per_class_table(view: LayerView, stats: Any, center: str = "global") -> dict[str, np.ndarray]:
+def measured_views(source: Source, opts: MeasureOptions) -> list[Any]:
+    """The source's layer views restricted to the measured classes (nccli.classes): the
+    views themselves when every class is measured, else :class:`MeasuredView` s; the note
+    saying what was left out goes to ``opts.notes`` once."""
+    views = list(source.layers.values())
+    if not views:
+        return views
+    counts = views[0].stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows).counts
+    sel = select_classes(counts, opts.min_class_count)
+    if sel.complete:
+        return views
+    if sel.kept.size == 0:
+        raise DataError(
+            f"{source.path}: no class has {opts.min_class_count} or more samples; lower "
+            "--min-class-count"
+        )
+    note = sel.note(source.label)
+    if note is not None and note not in opts.notes:
+        opts.notes.append(note)
+    return [MeasuredView(v, sel) for v in views]
+
+
+def per_class_table(view: Any, stats: Any, center: str = "global") -> dict[str, np.ndarray]:
     """Per class: ``n_k``, ``σ_k²``, ``||μ_k||``, ``||μ_k-μ_G||``, ``||w_k||``, ``cos(w_k, μ_k)``
     and ``cos(w_k, μ_k-μ_G)`` (classifier columns are nan without a classifier)."""
     counts = stats.counts
@@ -104,7 +141,7 @@ def per_class_table(view: LayerView, stats: Any, center: str = "global") -> dict
 
 
 def measure_layer(
-    view: LayerView, opts: MeasureOptions, names: list[str], all_views: list[LayerView]
+    view: Any, opts: MeasureOptions, names: list[str], all_views: Sequence[Any]
 ) -> MetricSet:
     """Every selected metric of one layer, in the order of ``names``: the registry's rule
     (:func:`nccli.metrics.registry.evaluate`) decides which rows appear and why one is ``nan``."""
@@ -121,11 +158,12 @@ def measure_sources(
     names = select_metrics(opts.metrics)
     rows: list[dict[str, Any]] = []
     for src in sources:
-        views = select_layers(src, opts.layers)
+        all_views = measured_views(src, opts)
+        views = select_layers(src, opts.layers, all_views)
         for view in views:
             if progress:
                 progress(f"{src.label}: {view.name}")
-            ms = measure_layer(view, opts, names, list(src.layers.values()))
+            ms = measure_layer(view, opts, names, all_views)
             for metric, value in ms.items():
                 rows.append(
                     {
@@ -143,9 +181,8 @@ def measure_sources(
             if opts.per_class:
                 stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
                 table = per_class_table(view, stats, opts.center)
-                table = analyses.per_class_predictions(
-                    view, stats, opts, list(src.layers.values()), table
-                )
+                table = analyses.per_class_predictions(view, stats, opts, all_views, table)
+                labels = class_labels(view, stats.num_classes)
                 for metric in table:
                     for k, v in enumerate(table[metric]):
                         rows.append(
@@ -153,14 +190,19 @@ def measure_sources(
                                 "source": src.label,
                                 "epoch": src.epoch,
                                 "layer": view.name,
-                                "class": k,
+                                "class": int(labels[k]),
                                 "metric": metric,
                                 "value": float(v),
                             }
                         )
             if opts.geometry:
                 stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
+                labels = class_labels(view, stats.num_classes)
                 for row in analyses.cosine_rows(view, stats, opts):
+                    row["class"], row["class2"] = (
+                        int(labels[row["class"]]),
+                        int(labels[row["class2"]]),
+                    )
                     rows.append(
                         {"source": src.label, "epoch": src.epoch, "layer": view.name, **row}
                     )
@@ -193,6 +235,7 @@ def measure(
     head_depth: int | None = None,
     geometry: bool = False,
     skip_nonfinite: bool = False,
+    min_class_count: int = 1,
 ) -> pd.DataFrame:
     """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
 
@@ -204,7 +247,9 @@ def measure(
     seed-paper analyses (:mod:`nccli.analyses`); ``geometry`` adds the cosine-matrix rows
     (``class``, ``class2``, metric ``cos_means`` / ``cos_classifier``).  ``skip_nonfinite``
     drops the NaN/Inf rows of feature files (a note counts them per class) instead of
-    refusing the file.
+    refusing the file.  Classes with no samples, or fewer than ``min_class_count``, are
+    left out of every metric (:mod:`nccli.classes`; a note counts them and the
+    ``classes`` row is the number measured).
     """
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
@@ -221,6 +266,7 @@ def measure(
         wd_classifier=wd_classifier,
         head_depth=head_depth,
         geometry=geometry,
+        min_class_count=min_class_count,
     )
     with opened_sources(paths, opts, skip_nonfinite=skip_nonfinite) as sources:
         return measure_sources(sources, opts)

@@ -39,7 +39,13 @@ import pandas as pd
 
 from nccli import analyses
 from nccli.io.sources import Source
-from nccli.measure import MeasureOptions, measure_layer, opened_sources, per_class_table
+from nccli.measure import (
+    MeasureOptions,
+    measure_layer,
+    measured_views,
+    opened_sources,
+    per_class_table,
+)
 from nccli.metrics import METRICS, MetricSet
 from nccli.metrics import deep_linear as deep
 from nccli.metrics.nc import Undefined
@@ -127,7 +133,7 @@ class Evidence:
 
 
 def _gather(source: Source, opts: MeasureOptions) -> Evidence:
-    views = list(source.layers.values())
+    views = measured_views(source, opts)
     chain_views = deep.head_chain(views)
     if not chain_views:
         with_cls = [v for v in views if v.classifier_weight is not None]
@@ -498,6 +504,7 @@ def theory_report(
     recompute: bool = False,
     num_classes: int | None = None,
     chunk_rows: int = 8192,
+    min_class_count: int = 1,
 ) -> pd.DataFrame:
     """The theory report of each input as a frame with :data:`COLUMNS` (all strings)."""
     opts = MeasureOptions(
@@ -505,6 +512,7 @@ def theory_report(
         recompute=recompute,
         chunk_rows=chunk_rows,
         num_classes=num_classes,
+        min_class_count=min_class_count,
         loss=loss,
         wd_features=wd_features,
         wd_classifier=wd_classifier,
@@ -515,5 +523,5 @@ def theory_report(
         for src in sources:
             rows.extend(theory_rows(src, opts))
     df = pd.DataFrame(rows, columns=COLUMNS)
-    df.attrs["notes"] = []
+    df.attrs["notes"] = list(opts.notes)  # the classes left out (nccli.classes)
     return df

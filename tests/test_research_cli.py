@@ -93,7 +93,8 @@ def test_metrics_format():
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     assert set(rows[0]) == {"metric", "family", "better", "formula"}
-    assert rows[0]["metric"] == "nc1" and rows[0]["better"] in ("lower", "higher")
+    assert rows[0]["metric"] == "classes" and rows[0]["better"] == "-"  # a count
+    assert rows[1]["metric"] == "nc1" and rows[1]["better"] == "lower"
     res = runner.invoke(app, ["metrics", "--format", "csv"])
     assert res.stdout.splitlines()[0] == "metric,family,better,formula"
     res = runner.invoke(app, ["metrics"], env={"COLUMNS": "250", "NO_COLOR": "1"})

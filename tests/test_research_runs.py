@@ -142,8 +142,8 @@ def test_one_based_labels_are_refused(tmp_path):
     expect = (
         f"nccli: error: {path}: class 0 has no samples but labels go up to 4 (5 classes "
         "inferred from the largest label); are the labels 1-based? subtract 1, or pass "
-        "--num-classes to measure with the empty classes as they are (metrics built on the "
-        "class means are then nan)"
+        "--num-classes if those classes are absent on purpose (they are then left out of "
+        "every metric)"
     )
     for cmd in (["measure", str(path)], ["compare", str(path), "--fail-if", "nc1>1"]):
         res = runner.invoke(app, [*cmd, "-f", "csv"])
@@ -160,8 +160,8 @@ def test_a_gap_in_the_labels_is_refused(tmp_path):
     assert res.stderr.splitlines() == [
         f"nccli: error: {path}: 3 of 11 classes have no samples (2, 3, 4) but labels go up to "
         "10 (11 classes inferred from the largest label); renumber the labels 0..7 so that "
-        "every class has samples, or pass --num-classes to measure with the empty classes as "
-        "they are (metrics built on the class means are then nan)"
+        "every class has samples, or pass --num-classes if those classes are absent on "
+        "purpose (they are then left out of every metric)"
     ]
     many = _features(tmp_path / "many.npz", labels=np.repeat([0, 9], 10))
     res = runner.invoke(app, ["measure", str(many), "-f", "csv"])
@@ -169,22 +169,7 @@ def test_a_gap_in_the_labels_is_refused(tmp_path):
     assert "8 of 10 classes have no samples (1, 2, 3, 4, 5, …)" in res.stderr
 
 
-def test_num_classes_or_a_wider_classifier_measures_as_before(tmp_path):
-    path = _features(tmp_path / "feats.npz", shift=1)
-    res = runner.invoke(app, ["measure", str(path), "-f", "csv", "-m", "nc1,ncc_acc", "-k", "5"])
-    assert res.exit_code == 0, res.stderr
-    df = _csv(res).set_index("metric")["value"]
-    assert math.isnan(df["nc1"]) and df["ncc_acc"] > 0.9
-    assert "nc1 is nan: class 0 has no samples" in res.stderr
-    # a classifier with a row per class: K comes from it, the empty class is measured as is
-    wide = _features(tmp_path / "wide.npz", shift=1, weight=True, weight_rows=K + 2)
-    res = runner.invoke(app, ["measure", str(wide), "-f", "csv", "-m", "nc1"])
-    assert res.exit_code == 0, res.stderr
-    assert "class 0, 5 has no samples" in res.stderr
-    # 0-based labels: untouched
-    good = _features(tmp_path / "good.npz")
-    res = runner.invoke(app, ["measure", str(good), "-f", "csv", "-m", "nc1"])
-    assert res.exit_code == 0 and math.isfinite(_csv(res)["value"][0])
+# absent classes under --num-classes or a wider classifier: tests/test_measured_classes.py
 
 
 # ------------------------------------------------------------- extract

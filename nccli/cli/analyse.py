@@ -32,6 +32,7 @@ from nccli.cli.options import (
     MeasureMetricsOpt,
     MeasurePathsArg,
     MeasureSkipNonfiniteOpt,
+    MinClassCountOpt,
     NumClassesOpt,
     OutOpt,
     PerClassOpt,
@@ -72,6 +73,7 @@ def measure(
     center: CenterOpt = "global",
     recompute: RecomputeOpt = False,
     num_classes: NumClassesOpt = None,
+    min_class_count: MinClassCountOpt = 1,
     chunk_rows: ChunkRowsOpt = 8192,
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
@@ -106,12 +108,14 @@ def measure(
             "center": center,
             "recompute": recompute,
             "num_classes": num_classes,
+            "min_class_count": min_class_count,
             "chunk_rows": chunk_rows,
             **setup,
         }
         if report is ReportKind.theory:
             df = theory_report(inputs, **common)
             emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
+            print_notes(df.attrs.get("notes", []), STATE.quiet)
             return
         df = run_measure(
             inputs,
@@ -140,6 +144,7 @@ def compare(
     plot: PlotOpt = None,
     center: CenterOpt = "global",
     num_classes: NumClassesOpt = None,
+    min_class_count: MinClassCountOpt = 1,
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
     output: OutOpt = None,
@@ -174,6 +179,7 @@ def compare(
                 fail_if_last=fail_if_last,
                 center=center,
                 num_classes=num_classes,
+                min_class_count=min_class_count,
                 progress=progress,
             )
         data = result.wide() if as_wide else result.data

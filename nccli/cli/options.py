@@ -88,6 +88,15 @@ LayerOpt = Annotated[
 CenterOpt = Annotated[
     str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
 ]
+MinClassCountOpt = Annotated[
+    int,
+    typer.Option(
+        "--min-class-count",
+        help="Leave classes with fewer samples out of every metric (a note counts them; "
+        "classes without samples are always left out).",
+        min=1,
+    ),
+]
 NumClassesOpt = Annotated[
     int | None,
     typer.Option(
@@ -271,7 +280,23 @@ ArchOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", help="Import string 'pkg.module:factory' returning the nn.Module."),
+    typer.Option(
+        "--model",
+        help="Callable returning the nn.Module: 'pkg.module:factory' or a file "
+        "'path/to/file.py:Class', optionally with arguments as for --arch, e.g. "
+        "'models/resnet.py:ResNet18:num_classes=10'; a required num_classes or input size "
+        "left out is read from the checkpoint.",
+    ),
+]
+StateKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--state-key",
+        metavar="KEY",
+        help="Where the weights are in a checkpoint dict, dotted: 'model_state', "
+        "'ema.model', 'state_dict.ema' (default: found automatically; several candidates "
+        "are refused).",
+    ),
 ]
 LayersOpt = Annotated[
     str,

@@ -207,6 +207,7 @@ def compare(
     recompute: bool = False,
     chunk_rows: int = 8192,
     progress: Callable[[str], None] | None = None,
+    min_class_count: int = 1,
 ) -> CompareResult:
     """Measure several checkpoints and arrange the rows for comparison.
 
@@ -236,8 +237,10 @@ def compare(
             recompute=recompute,
             chunk_rows=chunk_rows,
             num_classes=num_classes,
+            min_class_count=min_class_count,
         )
         frames = _measure_all(ckpts, runs, opts, progress)
+        _label_by_role(frames, layer_list, notes)
         notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
         preps: dict[str, str] = {}  # each cache's recorded preprocessing → its first source
         for s in sources:
@@ -373,6 +376,29 @@ def _measure_all(
         df["_lr"] = df["layer"].map(layer_rank)
         frames.append(df)
     return frames
+
+
+#: roles that pick one layer per source, so sources can be lined up by them
+ONE_LAYER_ROLES = ("penultimate", "classifier")
+
+
+def _label_by_role(frames: list[pd.DataFrame], layers: list[str] | None, notes: list[str]) -> None:
+    """``--layer penultimate`` / ``--layer classifier`` across models that name that layer
+    differently (``fc``, ``classifier``, ``head.0``): label the rows by the role so the
+    runs line up (tables, deltas, the plot), and say which layer each source gave."""
+    if not layers or len(layers) != 1 or layers[0] not in ONE_LAYER_ROLES:
+        return
+    role = layers[0]
+    first: dict[str, str] = {}  # layer name → the first run or source that has it
+    for df in frames:
+        for who, layer in zip(df["run"], df["layer"], strict=True):
+            first.setdefault(str(layer), str(who))
+    if len(first) < 2:
+        return
+    for df in frames:
+        df["layer"] = role
+    which = ", ".join(f"{name} ({who})" for name, who in first.items())
+    notes.append(f"--layer {role} is {which} in these models: rows are labelled {role}")
 
 
 def _arrange(

@@ -28,7 +28,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from nccli.errors import DataError, NCError, UsageError
 from nccli.io._util import one_line
-from nccli.layers import Layer
+from nccli.layers import Layer, show_classifier_input
 
 __all__ = ["PASSTHROUGH", "Discovery", "discover_layers", "first_input", "logits_of"]
 
@@ -60,7 +60,7 @@ class Discovery:
 
     def rows(self) -> list[dict[str, Any]]:
         """The layer layout as plain dicts (for ``nccli info``)."""
-        return [layer.row() for layer in self.layers]
+        return show_classifier_input([layer.row() for layer in self.layers])
 
 
 @dataclass

@@ -230,8 +230,8 @@ def _classifier(p: Path, W: Any, b: Any, dim: int) -> tuple[np.ndarray | None, n
 
 def _refuse_empty_classes(p: Path, y: np.ndarray, K: int) -> None:
     """A class below the largest label with no samples, when K came from that label, is
-    almost always a numbering mistake (1-based labels, a gap) and would make every metric
-    built on the class means nan: refuse it, naming the likely cause."""
+    almost always a numbering mistake (1-based labels, a gap), not a class left out on
+    purpose: refuse it, naming the likely cause."""
     empty = np.flatnonzero(np.bincount(y, minlength=K) == 0)
     if not empty.size:
         return
@@ -247,8 +247,8 @@ def _refuse_empty_classes(p: Path, y: np.ndarray, K: int) -> None:
         fix = f"renumber the labels 0..{K - n - 1} so that every class has samples"
     raise DataError(
         f"{p}: {what} but labels go up to {K - 1} ({K} classes inferred from the largest "
-        f"label); {fix}, or pass --num-classes to measure with the empty classes as they are "
-        "(metrics built on the class means are then nan)"
+        f"label); {fix}, or pass --num-classes if those classes are absent on purpose (they "
+        "are then left out of every metric)"
     )
 
 

@@ -105,6 +105,18 @@ class Metric:
     needs: tuple[Need, ...] = ()
     requires: Callable[[LayerContext], str | None] | None = None
     shown_by_default: Predicate = _always
+    #: the value is a count (``classes``): no better direction, shown as an integer
+    count: bool = False
+
+    @property
+    def better(self) -> str:
+        """``higher``, ``lower`` or ``-`` (a count), as ``nccli metrics`` shows it."""
+        return "-" if self.count else "higher" if self.higher_is_better else "lower"
+
+    @property
+    def arrow(self) -> str:
+        """The table's direction marker: ``↑``, ``↓``, or nothing for a count."""
+        return "" if self.count else "↑" if self.higher_is_better else "↓"
 
     @property
     def needs_classifier(self) -> bool:
@@ -289,6 +301,9 @@ METRICS = Registry()
 _d, M = METRICS.declare, Metric
 
 # fmt: off
+# K: the classes measured (nccli.classes: those with samples, at least --min-class-count)
+_d(M("classes", "classes", "K: classes with at least max(1, --min-class-count) samples",
+     lambda c: float(c.stats.num_classes), count=True))
 # NC1: within-class variability
 _d(M("nc1", "nc1", "(1/K) Tr(Σ_W Σ_B⁺)", lambda c: nc.nc1(c.stats, c.center, c.rtol)))
 _d(M("nc1_trace", "nc1", "Tr(Σ_W) / Tr(Σ_B)", lambda c: nc.nc1_trace(c.stats, c.center)))

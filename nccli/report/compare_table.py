@@ -44,7 +44,7 @@ def _header(metric: str) -> str:
         return f"Δ{base}"
     if info is None:
         return metric
-    return f"{metric} {'↑' if info.higher_is_better else '↓'}"
+    return f"{metric} {info.arrow}".rstrip()
 
 
 def _crossed(result: CompareResult) -> set[tuple]:

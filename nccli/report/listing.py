@@ -61,7 +61,7 @@ def render_metrics(metrics: Iterable[Any], console: Console) -> None:
         table.add_row(
             escape(info.name),
             info.family,
-            "higher" if info.higher_is_better else "lower",
+            info.better,
             escape(info.formula),
         )
     console.print(table)
@@ -70,7 +70,5 @@ def render_metrics(metrics: Iterable[Any], console: Console) -> None:
 def metrics_frame(metrics: Iterable[Any]) -> pd.DataFrame:
     """``metrics --format csv|tsv|json``: the table's rows (metric, family, better,
     formula) as a frame."""
-    rows = [
-        (i.name, i.family, "higher" if i.higher_is_better else "lower", i.formula) for i in metrics
-    ]
+    rows = [(i.name, i.family, i.better, i.formula) for i in metrics]
     return pd.DataFrame(rows, columns=["metric", "family", "better", "formula"])

@@ -17,7 +17,12 @@ def _arrow(metric: str) -> str:
     info = METRICS.get(metric)
     if info is None:
         return ""
-    return "↑" if info.higher_is_better else "↓"
+    return info.arrow
+
+
+def _count(metric: str) -> bool:
+    info = METRICS.get(metric)
+    return info is not None and info.count
 
 
 def render_measure_table(df: pd.DataFrame, console: Console) -> None:
@@ -39,7 +44,10 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
             table.add_row(
                 metric,
                 _arrow(metric),
-                *[fmt_value(sub.get(layer, float("nan"))) for layer in layers],
+                *[
+                    fmt_value(sub.get(layer, float("nan")), integer=_count(metric))
+                    for layer in layers
+                ],
             )
         console.print(table)
     if "class" in df.columns:

@@ -27,6 +27,7 @@ from nccli.io.cache.elements import layer_record, read_stats
 from nccli.io.cache.encoding import read_attr
 from nccli.io.cache.reader import Cache, is_cache
 from nccli.io.h5safe import open_input
+from nccli.layers import show_classifier_input
 from nccli.stats import ClassStats
 
 __all__ = [
@@ -289,8 +290,10 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise CacheError(f"{p}: not a readable HDF5 file ({one_line(exc)})") from None
         with f:
             attrs = {k: read_attr(f, k) for k in f.attrs}
-            layers = [_layer_row(g) for g in (f["layers"].values() if "layers" in f else [])]
+            layers = show_classifier_input(
+                [_layer_row(g) for g in (f["layers"].values() if "layers" in f else [])]
+            )
         return {"path": str(p), "complete": False, "attrs": _shown(attrs), "layers": layers}
     with Cache(p) as c:
-        rows = [_layer_row(c.h5[f"layers/{name}"]) for name in c.layers]
+        rows = show_classifier_input([_layer_row(c.h5[f"layers/{name}"]) for name in c.layers])
         return {"path": str(p), "complete": True, "attrs": _shown(c.attrs), "layers": rows}
