@@ -24,6 +24,7 @@ from nccli.cli.options import (
     ComparePathsArg,
     FailIfLastOpt,
     FailIfOpt,
+    FitOpt,
     FormatOpt,
     GeometryOpt,
     HeadDepthOpt,
@@ -141,6 +142,7 @@ def compare(
     baseline: BaselineOpt = None,
     fail_if: FailIfOpt = None,
     fail_if_last: FailIfLastOpt = False,
+    fit: FitOpt = None,
     plot: PlotOpt = None,
     center: CenterOpt = "global",
     num_classes: NumClassesOpt = None,
@@ -180,6 +182,7 @@ def compare(
                 center=center,
                 num_classes=num_classes,
                 min_class_count=min_class_count,
+                fit=None if fit is None else fit.value,
                 progress=progress,
             )
         data = result.wide() if as_wide else result.data

@@ -16,6 +16,7 @@ import typer
 from nccli._version import __version__
 from nccli.analyses import Loss, ReportKind
 from nccli.compare import Across, By, RunFrom
+from nccli.compare.depth import Fit
 from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
 from nccli.report import OutputFormat
 
@@ -217,6 +218,16 @@ AcrossOpt = Annotated[
         "-a",
         help="[b]epochs[/b]: a row per checkpoint, sorted by epoch; [b]layers[/b]: a row "
         "per layer in depth order; [b]runs[/b]: each run's last checkpoint.",
+    ),
+]
+
+
+FitOpt = Annotated[
+    Fit | None,
+    typer.Option(
+        "--fit",
+        help="[b]depth[/b] (with --across layers): fit log(metric) = a + s·layer per "
+        "checkpoint; rows <metric>_depth_slope, _ratio (= e^s per layer) and _r2.",
     ),
 ]
 ByOpt = Annotated[

@@ -52,6 +52,7 @@ from typing import Any
 
 import pandas as pd
 
+from nccli.compare.depth import FIT_SUFFIXES, depth_fits
 from nccli.compare.runs import RunFrom, run_names, trajectory_order
 from nccli.compare.thresholds import (
     DELTA_PREFIX,
@@ -118,6 +119,8 @@ class CompareResult:
     notes: list[str] = field(default_factory=list)
     #: thresholds whose metric had no finite value to check (they fail like a crossing)
     unchecked: list[Unchecked] = field(default_factory=list)
+    #: ``"depth"``: the rows include each checkpoint's fit of log(metric) against depth
+    fit: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -208,6 +211,7 @@ def compare(
     chunk_rows: int = 8192,
     progress: Callable[[str], None] | None = None,
     min_class_count: int = 1,
+    fit: str | None = None,
 ) -> CompareResult:
     """Measure several checkpoints and arrange the rows for comparison.
 
@@ -219,6 +223,11 @@ def compare(
     ``"all"`` or families (``nc2``) work as in :func:`nccli.measure.measure`.
     """
     across, by = _check_modes(across, by, baseline, center)
+    if fit is not None and (fit != "depth" or across is not Across.layers):
+        raise UsageError(
+            f"--fit {fit}: the only fit is 'depth', of a metric against layer depth; it needs "
+            "--across layers"
+        )
     thresholds, names = _plan_metrics(metrics, fail_if, by)
     layer_list = _as_list(layers) or None
     if isinstance(paths, (str, os.PathLike)):
@@ -254,6 +263,8 @@ def compare(
             s.close()
 
     data = _arrange(frames, names, by, baseline, notes)
+    if fit == "depth":
+        data = _with_fits(data, names, notes)
     violations, checked, unchecked = find_violations(data, thresholds, fail_if_last, notes)
     out = _public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
     out.attrs["notes"] = list(notes)
@@ -270,6 +281,7 @@ def compare(
         checked=checked,
         notes=notes,
         unchecked=unchecked,
+        fit=fit,
     )
 
 
@@ -424,6 +436,23 @@ def _arrange(
         order = ["_run", "_ck", "_lr", "_mr"]
     data["_mr"] = data["metric"].map(metric_rank)
     return data.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
+
+
+def _with_fits(data: pd.DataFrame, names: list[str], notes: list[str]) -> pd.DataFrame:
+    """``data`` with each checkpoint's depth-fit rows after its layers (:mod:`.depth`)."""
+    fits = depth_fits(data, names, notes)
+    if fits.empty:
+        return data
+    fits["_lr"] = len(data)  # after every layer of the checkpoint
+    # each metric's slope, ratio, r2 together, in the order of the metrics
+    rank = {
+        m + s: len(names) + len(FIT_SUFFIXES) * j + i
+        for j, m in enumerate(names)
+        for i, s in enumerate(FIT_SUFFIXES)
+    }
+    fits["_mr"] = fits["metric"].map(rank)
+    out = pd.concat([data, fits], ignore_index=True)
+    return out.sort_values(["_run", "_ck", "_lr", "_mr"], kind="stable").reset_index(drop=True)
 
 
 def _public_columns(data: pd.DataFrame, *, keep_run: bool) -> pd.DataFrame:

@@ -67,6 +67,8 @@ def render_compare(result: CompareResult, console: Console) -> None:
         return
     runs = df["run"] if "run" in df.columns else pd.Series([""] * len(df), index=df.index)
     df = df.assign(_run=runs)
+    fits = df[df["layer"] == ""]  # --fit depth rows: drawn under each checkpoint's layers
+    df = df[df["layer"] != ""]
     metrics = list(dict.fromkeys(df["metric"]))
     if result.across is Across.layers:
         groups = df.groupby(["_run", "source"], sort=False)
@@ -98,7 +100,22 @@ def render_compare(result: CompareResult, console: Console) -> None:
                 [columns[m] for m in metrics],
                 "depth" if result.across is Across.layers else "trend",
             )
+        if not fits.empty:
+            _fit_rows(
+                table, len(first_cols), fits[fits["source"] == part["source"].iloc[0]], metrics
+            )
         console.print(table)
+
+
+def _fit_rows(table: Table, lead: int, fits: pd.DataFrame, metrics: list[str]) -> None:
+    """``--fit depth``: the factor per layer (e^slope) and R² of each metric's fit."""
+    got = dict(zip(fits["metric"], fits["value"], strict=True))
+    pad = [""] * (lead - 1)
+    cells = []
+    for m in metrics:
+        ratio, r2 = got.get(m + "_depth_ratio", math.nan), got.get(m + "_depth_r2", math.nan)
+        cells.append("nan" if not math.isfinite(ratio) else f"×{ratio:.3f}/layer R² {r2:.2f}")
+    table.add_row("[dim]fit[/dim]", *pad, *cells)
 
 
 def _title(result: CompareResult, key: tuple, part: pd.DataFrame) -> str:

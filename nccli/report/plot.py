@@ -223,6 +223,7 @@ def plot_compare(
     require_matplotlib()
     p = check_plot_path(path)
     df = result.data
+    df = df[df["layer"] != ""]  # --fit depth rows are numbers about a line, not points
     metrics = _metrics_to_plot(result, df, metrics, p)
     run_col = df["run"] if "run" in df.columns else pd.Series("", index=df.index)
     df = df.assign(_run=run_col)
