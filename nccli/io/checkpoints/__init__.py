@@ -5,8 +5,10 @@ its extension (``format`` in the result in brackets):
 
 - zip with ``data.pkl``, or a legacy pickle: ``torch.load(weights_only=True)``; a state
   dict, possibly nested under ``state_dict``/``model``/``model_state_dict``/``net``/
-  ``module``, loaded into ``arch`` or ``model`` [``state_dict``]; a whole pickled
-  ``nn.Module`` only with ``trust_checkpoint=True`` [``pickle``]
+  ``module`` (or the entry ``state_key`` names: ``ema.model``; two candidates, such as a
+  model and its EMA, are refused rather than guessed between), loaded into ``arch`` or
+  ``model`` [``state_dict``]; a whole pickled ``nn.Module`` only with
+  ``trust_checkpoint=True`` [``pickle``]
 - zip with ``code/`` or ``constants.pkl``: ``torch.jit.load``, only with
   ``trust_checkpoint=True`` [``torchscript``]
 - zip with ``archive_format`` = ``pt2`` or ``models/*.json``:
@@ -45,7 +47,7 @@ from nccli.errors import CheckpointError, DataError, UsageError
 from nccli.io._util import check_input_file, file_sha256
 from nccli.io.checkpoints.base import CheckpointFormat, Contents, as_int
 from nccli.io.checkpoints.formats import FORMATS, detect_format
-from nccli.io.checkpoints.pickled import WRAPPER_KEYS
+from nccli.io.checkpoints.pickled import WRAPPER_KEYS, select_state
 from nccli.io.checkpoints.weights import STRIP_PREFIXES, build_target, load_into
 from nccli.io.names import epoch_step_from_path
 
@@ -67,7 +69,9 @@ class LoadedCheckpoint:
     ``pickle``.  ``arch`` is the zoo spec (``nccli.zoo.format_arch``) or the ``--model``
     import string the module was built from, ``None`` when the file held the whole model.
     ``metadata`` holds the safetensors ``__metadata__`` or the top-level str/int/float/bool
-    entries of a checkpoint dict, as strings.
+    entries of a checkpoint dict, as strings.  ``state_key`` is the dotted key of the
+    checkpoint dict the weights came from (``None``: its top level); ``notes`` say what
+    was inferred from the weights (``num_classes`` the ``arch``/``model`` left out).
     """
 
     module: nn.Module
@@ -82,6 +86,8 @@ class LoadedCheckpoint:
     #: (its file or folder name) or ``None`` (unknown)
     epoch_from: str | None = None
     step_from: str | None = None
+    state_key: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def load_model(
@@ -91,12 +97,17 @@ def load_model(
     model: str | None = None,
     trust_checkpoint: bool = False,
     map_location: str | torch.device | None = "cpu",
+    state_key: str | None = None,
 ) -> LoadedCheckpoint:
     """Load the checkpoint at ``path`` as a module in eval mode.
 
     ``arch`` is a zoo spec (``"resnet18:num_classes=10"``, see :func:`nccli.zoo.parse_arch`)
-    and ``model`` an import string ``"pkg.module:factory"`` whose call returns an
-    ``nn.Module``; one of them is needed when the file holds only weights.  Raises
+    and ``model`` an import string ``"pkg.module:factory"`` or a file
+    ``"path/to/file.py:factory"``, optionally followed by arguments
+    (``":num_classes=10,width=8"``), whose call returns an ``nn.Module``; one of them is
+    needed when the file holds only weights.  A required ``num_classes`` or input size
+    left out is read from the weights (a note in ``notes``).  ``state_key`` is the dotted
+    key of the weights in a checkpoint dict, instead of the automatic search.  Raises
     :class:`~nccli.errors.CheckpointError` for a missing, empty, truncated or foreign file
     and for weights that do not fit the architecture (names listed),
     :class:`~nccli.errors.UnsafeCheckpointError` when the file needs arbitrary unpickling
@@ -109,6 +120,7 @@ def load_model(
     _check_file(p)
     digest = file_sha256(p)
     got = detect_format(p).read(p, trust_checkpoint, map_location)
+    chosen = select_state(p, got, state_key)
     stored = _epoch_step(p, got)
     epoch, step = _from_names(p, *stored)
     # where each number came from: the cache records it, so a trajectory can say why it
@@ -117,13 +129,24 @@ def load_model(
         k: None if v is None else "checkpoint" if s is not None else "name"
         for k, v, s in (("epoch", epoch, stored[0]), ("step", step, stored[1]))
     }
-    module, label = _module_for(p, got, arch, model)
+    module, label, notes = _module_for(p, got, arch, model)
     if isinstance(map_location, (str, torch.device)):
         module = module.to(map_location)
     if module is not got.whole or got.format != "export":  # an exported graph is traced: no .eval()
         module.eval()
     return LoadedCheckpoint(
-        module, got.format, epoch, step, digest, p, label, got.meta, origin["epoch"], origin["step"]
+        module,
+        got.format,
+        epoch,
+        step,
+        digest,
+        p,
+        label,
+        got.meta,
+        origin["epoch"],
+        origin["step"],
+        chosen,
+        notes,
     )
 
 
@@ -175,21 +198,23 @@ def _from_names(p: Path, epoch: int | None, step: int | None) -> tuple[int | Non
 
 def _module_for(
     p: Path, got: Contents, arch: str | None, model: str | None
-) -> tuple[nn.Module, str | None]:
-    """The module to return and its ``arch`` label: the named architecture with the file's
-    weights loaded into it, or the file's own whole module."""
+) -> tuple[nn.Module, str | None, list[str]]:
+    """The module to return, its ``arch`` label and the notes on what was inferred: the
+    named architecture with the file's weights loaded into it, or the file's own whole
+    module."""
     if arch is not None or model is not None:
-        target, label = build_target(p, arch, model)
         state = got.state
         if state is None and got.whole is not None:
             state = got.whole.state_dict()
         assert state is not None
+        target, label, notes = build_target(p, arch, model, state)
         load_into(target, state, p, label)
-        return target, label
+        return target, label, notes
     if got.whole is not None:
-        return got.whole, None
+        return got.whole, None, []
     assert got.state is not None
     raise UsageError(
         f"{p}: holds only weights ({len(got.state)} tensors); pass --arch NAME[:key=value,...] "
-        f"(built in: {', '.join(zoo.available())}) or --model pkg.module:factory"
+        f"(built in: {', '.join(zoo.available())}) or --model pkg.module:factory or "
+        "path/to/file.py:Class[:key=value,...]"
     )

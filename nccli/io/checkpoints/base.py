@@ -38,7 +38,11 @@ class Probe:
 @dataclass
 class Contents:
     """What a reader found: ``format`` as reported in the result, the weights (``state``)
-    and/or the whole module, and any epoch/step/metadata stored inside the file."""
+    and/or the whole module, and any epoch/step/metadata stored inside the file.
+
+    A checkpoint dict also keeps the whole dict (``tree``) and the dotted keys of the
+    state dicts found in it (``candidates``; ``""`` is the dict itself), for
+    :func:`~nccli.io.checkpoints.pickled.select_state` (``--state-key``)."""
 
     format: str
     state: Mapping[str, Any] | None = None
@@ -46,6 +50,8 @@ class Contents:
     meta: dict[str, str] = field(default_factory=dict)
     epoch: int | None = None
     step: int | None = None
+    tree: Mapping[Any, Any] | None = None
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

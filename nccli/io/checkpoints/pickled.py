@@ -3,10 +3,12 @@
 ``torch.load(weights_only=True)`` first; a file that needs more raises
 :class:`~nccli.errors.UnsafeCheckpointError` naming the globals it would import, unless
 ``trust_checkpoint`` is set.  A loaded dict is searched for the state dict (possibly
-nested under :data:`WRAPPER_KEYS`, at most :data:`MAX_NESTING` levels deep: a file can
-nest dicts thousands deep, or in a cycle, which an unbounded search would answer with a
-RecursionError); its scalar entries become metadata, minus integers no metadata field
-can hold (``str()`` of a 5,000-digit int raises).
+nested under :data:`WRAPPER_KEYS` or an EMA/SWA key, at most :data:`MAX_NESTING` levels
+deep: a file can nest dicts thousands deep, or in a cycle, which an unbounded search
+would answer with a RecursionError); :func:`select_state` then takes the one candidate,
+or the entry ``--state-key`` names, and refuses to guess between several.  The dict's
+scalar entries become metadata, minus integers no metadata field can hold (``str()`` of
+a 5,000-digit int raises).
 """
 
 from __future__ import annotations
@@ -21,20 +23,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from nccli.errors import CheckpointError, UnsafeCheckpointError
+from nccli.errors import CheckpointError, UnsafeCheckpointError, UsageError
 from nccli.io.checkpoints.base import MAX_COUNT, Contents, Probe, as_int, corrupt, names
 
 __all__ = [
+    "AVERAGE_KEY",
     "MAX_NESTING",
     "WRAPPER_KEYS",
     "find_state_dict",
+    "is_tensor_dict",
     "is_torch",
     "read_torch",
+    "select_state",
+    "state_dict_candidates",
     "unsafe_globals",
 ]
 
 #: Keys under which training scripts nest the state dict, tried in this order.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module")
+#: keys naming an average of the weights (EMA, SWA), searched too: a file holding a model
+#: and its average holds two candidates, and nccli does not guess between them
+AVERAGE_KEY = re.compile(r"(?:^|_)(?:ema|swa)(?:_|$)", re.IGNORECASE)
 #: how deep :func:`find_state_dict` looks (training scripts nest two or three levels)
 MAX_NESTING = 32
 _SCALARS = (str, int, float, bool)
@@ -58,16 +67,12 @@ def read_torch(p: Path, trust: bool, map_location: Any) -> Contents:
     meta = _metadata(obj)
     epoch = as_int(obj.get("epoch"))
     step = as_int(obj.get("step", obj.get("global_step")))
-    found = find_state_dict(obj, p)
-    if found is None:
-        keys = names(str(k) for k in obj)
-        raise CheckpointError(
-            f"{p}: no state dict found (top-level keys: {keys}); expected tensors or "
-            f"an entry named one of {', '.join(WRAPPER_KEYS)}"
-        )
-    if isinstance(found, nn.Module):
-        return Contents("pickle", whole=found, meta=meta, epoch=epoch, step=step)
-    return Contents("state_dict", state=found, meta=meta, epoch=epoch, step=step)
+    found = state_dict_candidates(obj, p)
+    got = Contents("state_dict", meta=meta, epoch=epoch, step=step, tree=obj)
+    got.candidates = tuple(key for key, _ in found)
+    if len(found) == 1:  # none, or more than one, is for select_state to answer
+        _use(got, found[0][1])
+    return got
 
 
 def _torch_load(p: Path, trust: bool, map_location: Any) -> Any:
@@ -123,26 +128,133 @@ def _metadata(obj: Mapping[Any, Any]) -> dict[str, str]:
 
 
 def find_state_dict(
-    obj: Mapping[str, Any], p: Path | str = "checkpoint", trail: tuple[str, ...] = ()
+    obj: Mapping[str, Any], p: Path | str = "checkpoint"
 ) -> Mapping[str, Any] | nn.Module | None:
-    """The state dict (or whole module) inside a checkpoint dict, searched recursively
-    through :data:`WRAPPER_KEYS` to :data:`MAX_NESTING` levels (``trail``: the keys
-    followed so far); deeper, or a dict that contains itself, is refused with a
-    ``CheckpointError`` naming ``p``."""
+    """The first state dict (or whole module) :func:`state_dict_candidates` finds."""
+    found = state_dict_candidates(obj, p)
+    return found[0][1] if found else None
+
+
+def state_dict_candidates(
+    obj: Mapping[Any, Any], p: Path | str = "checkpoint", trail: tuple[str, ...] = ()
+) -> list[tuple[str, Mapping[str, Any] | nn.Module]]:
+    """Every state dict (or whole module) in a checkpoint dict, as ``(dotted key, value)``:
+    ``obj`` itself when it maps names to tensors, else what is found by following
+    :data:`WRAPPER_KEYS`, then keys naming an average of the weights (:data:`AVERAGE_KEY`:
+    ``ema``, ``model_ema``, ``state_dict_ema``...), recursively to :data:`MAX_NESTING`
+    levels (``trail``: the keys followed so far); deeper, or a dict that contains itself,
+    is refused with a ``CheckpointError`` naming ``p``.  The same object under two keys
+    counts once.  An optimizer's or scheduler's state is never one (no such key is
+    followed, and neither maps names to tensors)."""
     if len(trail) >= MAX_NESTING:
         raise CheckpointError(
             f"{p}: the state dict is nested more than {MAX_NESTING} dicts deep "
             f"({'/'.join(trail[:3])}/...) or in a dict that contains itself, which no "
             "training script writes; re-save model.state_dict()"
         )
-    for key in WRAPPER_KEYS:
-        value = obj.get(key)
+    if is_tensor_dict(obj):
+        return [(".".join(trail), obj)]
+    keys = [k for k in WRAPPER_KEYS if k in obj]
+    keys += [k for k in obj if isinstance(k, str) and k not in keys and AVERAGE_KEY.search(k)]
+    found: list[tuple[str, Mapping[str, Any] | nn.Module]] = []
+    for key in keys:
+        value = obj[key]
         if isinstance(value, nn.Module):
-            return value
-        if isinstance(value, Mapping) and value:
-            found = find_state_dict(value, p, (*trail, key))
-            if found is not None:
-                return found
-    if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        return obj
-    return None
+            found.append((".".join((*trail, key)), value))
+        elif isinstance(value, Mapping) and value:
+            found += state_dict_candidates(value, p, (*trail, key))
+    unique: dict[int, tuple[str, Any]] = {}
+    for key, value in found:
+        unique.setdefault(id(value), (key, value))
+    return list(unique.values())
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    """A non-empty mapping of str names to tensors (a state dict)."""
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _use(got: Contents, value: Mapping[str, Any] | nn.Module) -> None:
+    if isinstance(value, nn.Module):
+        got.format, got.whole, got.state = "pickle", value, None
+    else:
+        got.format, got.state, got.whole = "state_dict", value, None
+
+
+def select_state(p: Path, got: Contents, state_key: str | None) -> str | None:
+    """Settle which weights of ``got`` are used; the dotted key they are under (``None``:
+    the file's top level, or not a dict).
+
+    With ``state_key`` that entry is used (``ema.model``: key ``model`` of entry ``ema``; a
+    dotted name may also be one key, or the prefix shared by a flat dict's names).  Without
+    it the automatic search must have found exactly one candidate: several (a model and
+    its EMA) are refused, since which one is measured changes every number."""
+    if state_key is not None:
+        tree = got.tree if got.tree is not None else got.state
+        if tree is None:
+            raise UsageError(
+                f"{p}: --state-key {state_key!r} picks an entry of a checkpoint dict, but this "
+                f"{got.format} file holds a whole model; leave --state-key out"
+            )
+        _use(got, _follow(p, tree, state_key.strip()))
+        return state_key.strip()
+    if got.tree is None:
+        return None
+    if len(got.candidates) > 1:
+        raise UsageError(
+            f"{p}: holds {len(got.candidates)} sets of weights "
+            f"({', '.join(repr(c) for c in got.candidates)}) and which one is measured "
+            "changes every number; choose with --state-key, e.g. --state-key "
+            f"{got.candidates[-1]}"
+        )
+    if not got.candidates:
+        keys = names(str(k) for k in got.tree)
+        raise CheckpointError(
+            f"{p}: no state dict found (top-level keys: {keys}); expected tensors or "
+            f"an entry named one of {', '.join(WRAPPER_KEYS)}, or pick one with --state-key"
+        )
+    return got.candidates[0] or None
+
+
+def _follow(p: Path, tree: Mapping[Any, Any], key: str) -> Mapping[str, Any] | nn.Module:
+    """The entry at the dotted ``key`` of ``tree`` (a ``UsageError`` listing the keys where
+    it is not found)."""
+    parts = key.split(".") if key else []
+    if not parts or not all(parts):
+        raise UsageError(f"{p}: --state-key {key!r}: write a dotted key such as 'ema.model'")
+    cur: Any = tree
+    i = 0
+    while i < len(parts):
+        where = f"entry {'.'.join(parts[:i])!r}" if i else "the checkpoint"
+        if not isinstance(cur, Mapping):
+            raise UsageError(
+                f"{p}: --state-key {key!r}: {where} holds a value of type "
+                f"{type(cur).__name__}, not a dict"
+            )
+        j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in cur), None)
+        if j is None:
+            rest = ".".join(parts[i:]) + "."
+            sub = {k[len(rest) :]: v for k, v in cur.items() if str(k).startswith(rest)}
+            if is_tensor_dict(sub):  # a flat dict's names under a shared prefix
+                return sub
+            keys = names([str(k) for k in cur], 8)
+            raise UsageError(
+                f"{p}: --state-key {key!r}: no key {parts[i]!r} in {where} (keys there: "
+                f"{keys or 'none'})"
+            )
+        cur, i = cur[".".join(parts[i:j])], j
+    if isinstance(cur, nn.Module) or is_tensor_dict(cur):
+        return cur
+    if isinstance(cur, Mapping):
+        raise UsageError(
+            f"{p}: --state-key {key!r} is a dict but not a state dict (keys there: "
+            f"{names([str(k) for k in cur], 8) or 'none'}); point it at the tensors, e.g. "
+            f"--state-key {key}.{next((str(k) for k in cur), 'model')}"
+        )
+    raise UsageError(
+        f"{p}: --state-key {key!r} holds a value of type {type(cur).__name__}, not a state dict"
+    )
