@@ -40,6 +40,7 @@ from nccli.cli.options import (
     ProbeDataOpt,
     ResumeOpt,
     SplitOpt,
+    StateKeyOpt,
     TrustOpt,
     VerifyOpt,
 )
@@ -71,6 +72,7 @@ def extract(
     out_dir: OutDirOpt,
     arch: ArchOpt = None,
     model: ModelOpt = None,
+    state_key: StateKeyOpt = None,
     layers: LayersOpt = "auto",
     device: DeviceOpt = Device.auto,
     amp: AmpOpt = Amp.off,
@@ -97,8 +99,10 @@ def extract(
     itself prints goes to stderr.
 
     Examples: [b]nccli extract run/ep*.pt -d digits.npz --arch mlp:in_dim=64,widths=256-128,num_classes=10
-    -o cache[/b] and [b]nccli extract ckpt.pt -d cifar10/ --normalize cifar10 --model
-    mypkg.nets:build -o cache --limit 5000[/b]
+    -o cache[/b], [b]nccli extract ckpt.pt -d cifar10/ --normalize cifar10 --model
+    mypkg.nets:build -o cache --limit 5000[/b] and [b]nccli extract checkpoint/ckpt.pth -d
+    cifar10/ --normalize cifar10 --model models/resnet.py:ResNet18:num_classes=10
+    --state-key net -o cache[/b]
     """
     with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
         refuse_flag_values(checkpoints)
@@ -126,6 +130,7 @@ def extract(
                 dist_backend=dist_backend.value,
                 dist_timeout=dist_timeout,
                 skip_nonfinite=skip_nonfinite,
+                state_key=state_key,
             )
         for p in paths:
             typer.echo(str(p))
@@ -136,6 +141,7 @@ def info(
     path: InfoPathArg,
     arch: ArchOpt = None,
     model: ModelOpt = None,
+    state_key: StateKeyOpt = None,
     data: ProbeDataOpt = None,
     split: SplitOpt = "train",
     normalize: NormalizeOpt = None,
@@ -176,6 +182,7 @@ def info(
                     normalize=normalize,
                     layers=layers,
                     trust_checkpoint=trust_checkpoint,
+                    state_key=state_key,
                 )
             head = {k: v for k, v in desc.items() if k != "layers"}
         if as_json:

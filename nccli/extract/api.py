@@ -125,12 +125,15 @@ def extract(
     dist_backend: str = "auto",
     dist_timeout: float = 30.0,
     skip_nonfinite: bool = False,
+    state_key: str | None = None,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
     ``data`` is a dataset spec (:func:`nccli.io.datasets.open_dataset`), opened once.
-    ``arch`` (zoo spec) or ``model`` (``pkg.module:factory``) builds the network a state
-    dict is loaded into.  ``layers``: ``"auto"`` or names/globs (:func:`discover_layers`).
+    ``arch`` (zoo spec) or ``model`` (``pkg.module:factory`` or ``file.py:factory``, then
+    optionally ``:key=value,...``; see :func:`~nccli.io.checkpoints.load_model`, also for
+    ``state_key``) builds the network a state dict is loaded into.  ``layers``:
+    ``"auto"`` or names/globs (:func:`discover_layers`).
     ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype`` is how features are stored;
     statistics are float64 of the stored values.  A finished cache of the same checkpoint
     and data is skipped unless ``overwrite``; ``resume`` continues a ``.partial``.
@@ -161,6 +164,7 @@ def extract(
             rank=group.rank if group is not None else 0,
             world_size=group.world_size if group is not None else 1,
             skip_nonfinite=skip_nonfinite,
+            state_key=state_key,
         )  # fmt: skip
         from nccli.io.datasets import open_dataset
 

@@ -45,6 +45,7 @@ def describe_checkpoint(
     layers: str | Sequence[str] = "auto",
     trust_checkpoint: bool = False,
     device: str = "cpu",
+    state_key: str | None = None,
 ) -> dict[str, Any]:
     """What ``extract --layers <layers>`` would cache for this checkpoint.
 
@@ -52,7 +53,9 @@ def describe_checkpoint(
     the model's recorded input (``input_shape`` on the module, or an MLP's first linear
     layer); a convolutional model without one needs ``data``.  Image data need an
     explicit ``normalize`` (as for ``extract``); ``"normalization"`` in the result is
-    what the probe applied (left out for the noise probe).
+    what the probe applied (left out for the noise probe).  ``state_key`` picks the
+    weights in a checkpoint dict (as for ``extract``); what was inferred from them
+    (``num_classes``) is a note on stderr.
     """
     from nccli.io.checkpoints import load_model
 
@@ -60,8 +63,14 @@ def describe_checkpoint(
         raise UsageError("pass either --arch or --model, not both")
     dev = resolve_device(device)
     loaded = load_model(
-        path, arch=arch, model=model, trust_checkpoint=trust_checkpoint, map_location="cpu"
+        path,
+        arch=arch,
+        model=model,
+        trust_checkpoint=trust_checkpoint,
+        map_location="cpu",
+        state_key=state_key,
     )
+    print_notes(loaded.notes, escape_text=True)  # what was inferred from the weights
     module = eval_mode(loaded.module.to(dev))
     if data is not None:
         from nccli.io.datasets import open_dataset
@@ -86,6 +95,7 @@ def describe_checkpoint(
         "path": str(path),
         "format": loaded.format,
         "arch": loaded.arch,
+        **({"state_key": loaded.state_key} if loaded.state_key is not None else {}),
         "epoch": loaded.epoch,
         "step": loaded.step,
         "sha256": loaded.sha256,

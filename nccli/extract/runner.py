@@ -73,6 +73,7 @@ class Settings:
     rank: int = 0  # distributed extraction (nccli.extract.distributed): this rank's shard
     world_size: int = 1
     skip_nonfinite: bool = False  # drop samples with NaN/Inf in any layer, from every layer
+    state_key: str | None = None  # --state-key: where in the checkpoint dict the weights are
 
 
 def eval_mode(module: nn.Module) -> nn.Module:
@@ -117,6 +118,7 @@ class _Model:
     step: int | None
     epoch_from: str | None = None  # "checkpoint" | "name"
     step_from: str | None = None
+    state_key: str | None = None  # the checkpoint dict's entry the weights came from
 
 
 class Runner:
@@ -150,6 +152,8 @@ class Runner:
             "dataset_digest": self.ds.digest(),
             "feature_dtype": cfg.feature_dtype,
             **shard_attrs(cfg, len(self.ds)),
+            # a cache of another entry of the same file (the EMA, not the model) is not it
+            **({"state_key": cfg.state_key.strip()} if cfg.state_key is not None else {}),
         }
 
     def inputs_digest(self, start: int, stop: int) -> str:
@@ -224,7 +228,10 @@ class Runner:
             model=cfg.model,
             trust_checkpoint=cfg.trust_checkpoint,
             map_location="cpu",
+            state_key=cfg.state_key,
         )
+        for text in loaded.notes:  # what was inferred from the weights (num_classes)
+            self.note(text)
         module = eval_mode(loaded.module.to(cfg.device))
         x_dtype = input_dtype(module)
         src = str(ckpt)
@@ -251,6 +258,7 @@ class Runner:
             loaded.step,
             loaded.epoch_from,
             loaded.step_from,
+            loaded.state_key,
         )
 
     def _attrs(self, ckpt: Path, m: _Model, start: int, inputs: Any) -> dict[str, Any]:
@@ -266,6 +274,7 @@ class Runner:
             "normalization": getattr(self.ds, "normalization", None),
             "split": self.split,
             "arch": m.arch or f"<{m.format} module>",
+            "state_key": m.state_key,
             "epoch": m.epoch,
             "step": m.step,
             "epoch_from": m.epoch_from,
