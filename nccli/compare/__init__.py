@@ -222,12 +222,7 @@ def compare(
     ``metrics`` defaults to :data:`DEFAULT_METRICS` (``nc1, nc2_etf_dist_means, nc3, nc4``);
     ``"all"`` or families (``nc2``) work as in :func:`nccli.measure.measure`.
     """
-    across, by = _check_modes(across, by, baseline, center)
-    if fit is not None and (fit != "depth" or across is not Across.layers):
-        raise UsageError(
-            f"--fit {fit}: the only fit is 'depth', of a metric against layer depth; it needs "
-            "--across layers"
-        )
+    across, by = _check_modes(across, by, baseline, center, fit)
     thresholds, names = _plan_metrics(metrics, fail_if, by)
     layer_list = _as_list(layers) or None
     if isinstance(paths, (str, os.PathLike)):
@@ -251,13 +246,7 @@ def compare(
         frames = _measure_all(ckpts, runs, opts, progress)
         _label_by_role(frames, layer_list, notes)
         notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
-        preps: dict[str, str] = {}  # each cache's recorded preprocessing → its first source
-        for s in sources:
-            if s.attrs.get("normalization") is not None:
-                preps.setdefault(str(s.attrs["normalization"]), s.label)
-        if len(preps) > 1:
-            mixed = "; ".join(f"{v} ({lab})" for v, lab in preps.items())
-            notes.append(f"sources mix input preprocessing ({mixed}): NC values are not comparable")
+        _note_mixed_preprocessing(sources, notes)
     finally:
         for s in sources:
             s.close()
@@ -285,10 +274,25 @@ def compare(
     )
 
 
+def _note_mixed_preprocessing(sources: Sequence[Source], notes: list[str]) -> None:
+    """One note when the caches record different input preprocessing."""
+    preps: dict[str, str] = {}  # each cache's recorded preprocessing → its first source
+    for s in sources:
+        if s.attrs.get("normalization") is not None:
+            preps.setdefault(str(s.attrs["normalization"]), s.label)
+    if len(preps) > 1:
+        mixed = "; ".join(f"{v} ({lab})" for v, lab in preps.items())
+        notes.append(f"sources mix input preprocessing ({mixed}): NC values are not comparable")
+
+
 def _check_modes(
-    across: str | Across, by: str | By | None, baseline: str | None, center: str
+    across: str | Across,
+    by: str | By | None,
+    baseline: str | None,
+    center: str,
+    fit: str | None = None,
 ) -> tuple[Across, By | None]:
-    """Validate ``across``, ``by``, ``baseline`` and ``center`` together."""
+    """Validate ``across``, ``by``, ``baseline``, ``center`` and ``fit`` together."""
     try:
         across = Across(across)
     except ValueError:
@@ -305,6 +309,11 @@ def _check_modes(
         raise UsageError("--baseline names the reference run of --by run; add --by run")
     if center not in ("global", "classmean"):
         raise UsageError(f"--center must be 'global' or 'classmean', got {center!r}")
+    if fit is not None and (fit != "depth" or across is not Across.layers):
+        raise UsageError(
+            f"--fit {fit}: the only fit is 'depth', of a metric against layer depth; it needs "
+            "--across layers"
+        )
     return across, by
 
 
