@@ -43,6 +43,9 @@ class ClassSelection:
     kept: np.ndarray
     counts: np.ndarray
     min_count: int
+    #: held-out splits (nccli.heldout): classes left out because the training split has
+    #: no sample of them, though this split does
+    unseen_in_training: int = 0
 
     @property
     def total(self) -> int:
@@ -67,7 +70,12 @@ class ClassSelection:
     @property
     def rare(self) -> int:
         """Classes left out because they have fewer than ``min_count`` samples."""
-        return int(self.left_out.size) - self.empty
+        return int(self.left_out.size) - self.empty - self.unseen_in_training
+
+    @property
+    def drops_samples(self) -> bool:
+        """Some class left out has samples (the statistics must be rebuilt without them)."""
+        return self.rare + self.unseen_in_training > 0
 
     def lookup(self) -> np.ndarray:
         """New label of every source label (``-1`` for a class left out)."""
@@ -88,6 +96,8 @@ class ClassSelection:
             why.append(f"{self.empty} without samples")
         if self.rare:
             why.append(f"{self.rare} with fewer than --min-class-count={self.min_count} samples")
+        if self.unseen_in_training:
+            why.append(f"{self.unseen_in_training} without samples in the training split")
         which = "class" if gone.size == 1 else "classes"
         return (
             f"{label}: {gone.size} of {self.total} classes left out, {which} {shown} "
@@ -143,7 +153,7 @@ class MeasuredView:
         """The statistics of the measured classes (made once per ``recompute`` setting)."""
         if recompute not in self._stats:
             full = self._view.stats(recompute=recompute, chunk_rows=chunk_rows)
-            if self.selection.rare:
+            if self.selection.drops_samples:
                 self._stats[recompute] = self._stream(full, chunk_rows)
             else:
                 self._stats[recompute] = _without_empty(full, self.selection)
@@ -156,9 +166,9 @@ class MeasuredView:
                 st.update(h, y)
         except (DataError, OSError, KeyError, ValueError) as exc:
             raise DataError(
-                f"{full.source}: --min-class-count {self.selection.min_count} leaves out "
-                f"classes that have samples, which needs the layer's features ({exc}); "
-                "measure a cache that stores features, or lower --min-class-count"
+                f"{full.source}: leaving out classes that have samples needs the layer's "
+                f"features ({exc}); measure a cache that stores features, or lower "
+                "--min-class-count"
             ) from None
         return st
 

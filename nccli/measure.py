@@ -22,6 +22,7 @@ import pandas as pd
 from nccli import analyses
 from nccli.classes import MeasuredView, class_labels, select_classes
 from nccli.errors import DataError, UsageError
+from nccli.heldout import around_reference, held_out_pairs, is_held_out, joint_selection, split_of
 from nccli.io.sources import Source, open_sources
 from nccli.layers import head_chain
 from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
@@ -86,15 +87,23 @@ def select_layers(
     return out
 
 
-def measured_views(source: Source, opts: MeasureOptions) -> list[Any]:
+def measured_views(
+    source: Source, opts: MeasureOptions, reference: Source | None = None
+) -> list[Any]:
     """The source's layer views restricted to the measured classes (nccli.classes): the
     views themselves when every class is measured, else :class:`MeasuredView` s; the note
-    saying what was left out goes to ``opts.notes`` once."""
+    saying what was left out goes to ``opts.notes`` once.  For a held-out split,
+    ``reference`` is its training split: classes it has no sample of are left out too."""
     views = list(source.layers.values())
     if not views:
         return views
     counts = views[0].stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows).counts
-    sel = select_classes(counts, opts.min_class_count)
+    if reference is not None and reference.layers:
+        first = next(iter(reference.layers.values()))
+        train = first.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows).counts
+        sel = joint_selection(counts, train, opts.min_class_count)
+    else:
+        sel = select_classes(counts, opts.min_class_count)
     if sel.complete:
         return views
     if sel.kept.size == 0:
@@ -141,75 +150,55 @@ def per_class_table(view: Any, stats: Any, center: str = "global") -> dict[str, 
 
 
 def measure_layer(
-    view: Any, opts: MeasureOptions, names: list[str], all_views: Sequence[Any]
+    view: Any,
+    opts: MeasureOptions,
+    names: list[str],
+    all_views: Sequence[Any],
+    reference: Any | None = None,
 ) -> MetricSet:
     """Every selected metric of one layer, in the order of ``names``: the registry's rule
-    (:func:`nccli.metrics.registry.evaluate`) decides which rows appear and why one is ``nan``."""
+    (:func:`nccli.metrics.registry.evaluate`) decides which rows appear and why one is ``nan``.
+
+    ``reference`` is the same layer of the training split when ``view`` is held out
+    (:mod:`nccli.heldout`): the generalisation metrics use its class means."""
     stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
     ctx = LayerContext.for_view(view, stats, all_views, opts)
+    if reference is not None:
+        train = reference.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
+        ctx.reference = around_reference(stats, train, class_labels(view, stats.num_classes))
     ctx.classifier()  # a classifier of the wrong shape or with NaN is a DataError
     return evaluate(ctx, names)
 
 
 def measure_sources(
-    sources: Iterable[Source], opts: MeasureOptions, progress: Callable[[str], None] | None = None
+    sources: Iterable[Source],
+    opts: MeasureOptions,
+    progress: Callable[[str], None] | None = None,
+    references: dict[int, Source] | None = None,
 ) -> pd.DataFrame:
-    """Tidy rows for already opened sources (see :func:`measure`)."""
+    """Tidy rows for already opened sources (see :func:`measure`).
+
+    A held-out split with its training split among the inputs (:mod:`nccli.heldout`) is
+    measured against the training class means; a ``split`` column then says which rows
+    are which (it appears whenever the inputs hold more than one split).  ``references``
+    pairs each held-out source with its training source when the caller already did
+    (``compare`` measures one checkpoint at a time); by default they are paired here."""
+    sources = list(sources)
     names = select_metrics(opts.metrics)
     rows: list[dict[str, Any]] = []
-    for src in sources:
-        all_views = measured_views(src, opts)
-        views = select_layers(src, opts.layers, all_views)
-        for view in views:
-            if progress:
-                progress(f"{src.label}: {view.name}")
-            ms = measure_layer(view, opts, names, all_views)
-            for metric, value in ms.items():
-                rows.append(
-                    {
-                        "source": src.label,
-                        "epoch": src.epoch,
-                        "layer": view.name,
-                        "metric": metric,
-                        "value": value,
-                    }
-                )
-                if metric in ms.reasons:
-                    note = f"{src.label} {view.name}: {metric} is nan: {ms.reasons[metric]}"
-                    if note not in opts.notes:
-                        opts.notes.append(note)
-            if opts.per_class:
-                stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
-                table = per_class_table(view, stats, opts.center)
-                table = analyses.per_class_predictions(view, stats, opts, all_views, table)
-                labels = class_labels(view, stats.num_classes)
-                for metric in table:
-                    for k, v in enumerate(table[metric]):
-                        rows.append(
-                            {
-                                "source": src.label,
-                                "epoch": src.epoch,
-                                "layer": view.name,
-                                "class": int(labels[k]),
-                                "metric": metric,
-                                "value": float(v),
-                            }
-                        )
-            if opts.geometry:
-                stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
-                labels = class_labels(view, stats.num_classes)
-                for row in analyses.cosine_rows(view, stats, opts):
-                    row["class"], row["class2"] = (
-                        int(labels[row["class"]]),
-                        int(labels[row["class2"]]),
-                    )
-                    rows.append(
-                        {"source": src.label, "epoch": src.epoch, "layer": view.name, **row}
-                    )
-        opts.notes.extend(n for n in src.notes if n not in opts.notes)  # e.g. dropped rows
+    with contextlib.ExitStack() as stack:
+        refs = references
+        if refs is None:
+            refs = stack.enter_context(held_out_pairs(sources, opts.notes))
+        for src in sources:
+            rows.extend(_source_rows(src, refs.get(id(src)), opts, names, progress))
+            opts.notes.extend(n for n in src.notes if n not in opts.notes)  # e.g. dropped rows
+    splits = {split_of(s) for s in sources}
+    several = len(splits) > 1 or any(map(is_held_out, sources)) or references is not None
+    lead = ["source", "split"] if several else ["source"]
     extra = ["class"] if opts.per_class or opts.geometry else []
     extra += ["class2"] if opts.geometry else []
-    cols = [*TIDY_COLUMNS[:3], *extra, *TIDY_COLUMNS[3:]]
+    cols = [*lead, *TIDY_COLUMNS[1:3], *extra, *TIDY_COLUMNS[3:]]
     df = pd.DataFrame(rows, columns=cols)
     df["epoch"] = df["epoch"].astype("Int64")
     for col in extra:
@@ -217,6 +206,53 @@ def measure_sources(
     df.attrs["notes"] = list(opts.notes)
     df.attrs["center"] = opts.center
     return df
+
+
+def _source_rows(
+    src: Source,
+    ref: Source | None,
+    opts: MeasureOptions,
+    names: list[str],
+    progress: Callable[[str], None] | None,
+) -> list[dict[str, Any]]:
+    """The rows of one source (``ref``: its training split, for a held-out one)."""
+    all_views = measured_views(src, opts, ref)
+    ref_views = {} if ref is None else {v.name: v for v in ref.layers.values()}
+    key = {"source": src.label, "split": split_of(src), "epoch": src.epoch}
+    rows: list[dict[str, Any]] = []
+    for view in select_layers(src, opts.layers, all_views):
+        if progress:
+            progress(f"{src.label}: {view.name}")
+        ms = measure_layer(view, opts, names, all_views, ref_views.get(view.name))
+        for metric, value in ms.items():
+            rows.append({**key, "layer": view.name, "metric": metric, "value": value})
+            if metric in ms.reasons:
+                note = f"{src.label} {view.name}: {metric} is nan: {ms.reasons[metric]}"
+                if note not in opts.notes:
+                    opts.notes.append(note)
+        if opts.per_class or opts.geometry:
+            rows.extend(
+                {**key, "layer": view.name, **r} for r in _class_rows(view, opts, all_views)
+            )
+    return rows
+
+
+def _class_rows(view: Any, opts: MeasureOptions, all_views: Sequence[Any]) -> list[dict[str, Any]]:
+    """``--per-class`` and ``--geometry`` rows of one layer, under the source's labels."""
+    stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
+    labels = class_labels(view, stats.num_classes)
+    rows: list[dict[str, Any]] = []
+    if opts.per_class:
+        table = per_class_table(view, stats, opts.center)
+        table = analyses.per_class_predictions(view, stats, opts, all_views, table)
+        for metric in table:
+            for k, v in enumerate(table[metric]):
+                rows.append({"class": int(labels[k]), "metric": metric, "value": float(v)})
+    if opts.geometry:
+        for row in analyses.cosine_rows(view, stats, opts):
+            row["class"], row["class2"] = int(labels[row["class"]]), int(labels[row["class2"]])
+            rows.append(row)
+    return rows
 
 
 def measure(

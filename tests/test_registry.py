@@ -218,7 +218,17 @@ def test_mse_family_shares_one_decomposition(npz, monkeypatch):
 
 # ------------------------------------------------------------------ the declarations
 def test_declarations():
-    assert METRICS.families == ("classes", "nc1", "nc2", "nc3", "nc4", "geometry", "deep", "mse")
+    assert METRICS.families == (
+        "classes",
+        "nc1",
+        "heldout",
+        "nc2",
+        "nc3",
+        "nc4",
+        "geometry",
+        "deep",
+        "mse",
+    )
     assert [n for n, m in METRICS.items() if m.count] == ["classes"]
     assert set(CORE_FAMILIES) <= set(METRICS.families)
     assert MetricInfo is Metric

@@ -63,6 +63,7 @@ from nccli.compare.thresholds import (
     parse_threshold,
 )
 from nccli.errors import DataError, ThresholdExceeded, UsageError
+from nccli.heldout import TRAIN, held_out_pairs, split_of
 from nccli.io.sources import Source, open_sources
 from nccli.measure import MeasureOptions, measure_sources
 from nccli.metrics import select_metrics
@@ -85,7 +86,7 @@ __all__ = [
 
 #: metrics compared (and plotted) when ``metrics`` is not given: one headline per family
 DEFAULT_METRICS = ("nc1", "nc2_etf_dist_means", "nc3", "nc4")
-INDEX_COLUMNS = ("source", "run", "epoch", "step", "layer")
+INDEX_COLUMNS = ("source", "run", "split", "epoch", "step", "layer")
 
 
 class Across(str, enum.Enum):
@@ -97,9 +98,11 @@ class Across(str, enum.Enum):
 
 
 class By(str, enum.Enum):
-    """``--by`` choices."""
+    """``--by`` choices: ``run`` side by side, or ``split`` (train beside held-out splits:
+    the generalisation gap, ``delta_<m>`` = held-out − train)."""
 
     run = "run"
+    split = "split"
 
 
 # ---------------------------------------------------------------------- result
@@ -121,6 +124,8 @@ class CompareResult:
     unchecked: list[Unchecked] = field(default_factory=list)
     #: ``"depth"``: the rows include each checkpoint's fit of log(metric) against depth
     fit: str | None = None
+    #: what a ``run`` of ``by="run"`` is: ``"run"``, or ``"split"`` for ``by="split"``
+    grouping: str = "run"
 
     @property
     def ok(self) -> bool:
@@ -222,6 +227,7 @@ def compare(
     ``metrics`` defaults to :data:`DEFAULT_METRICS` (``nc1, nc2_etf_dist_means, nc3, nc4``);
     ``"all"`` or families (``nc2``) work as in :func:`nccli.measure.measure`.
     """
+    run_of, by, baseline, grouping = _by_split(run_of, by, baseline)
     across, by = _check_modes(across, by, baseline, center, fit)
     thresholds, names = _plan_metrics(metrics, fail_if, by)
     layer_list = _as_list(layers) or None
@@ -233,6 +239,11 @@ def compare(
     notes: list[str] = []
     sources = open_sources(list(paths), num_classes=num_classes)
     try:
+        if grouping == "split" and len({_split_name(s) for s in sources}) < 2:
+            raise UsageError(
+                "--by split needs a held-out split beside train: extract one with "
+                "--eval-data NAME=FILE (or --split), and pass both caches"
+            )
         ckpts, runs, baseline = _order(sources, run_of, by, baseline, across, notes)
         opts = MeasureOptions(
             layers=layer_list,
@@ -243,7 +254,8 @@ def compare(
             num_classes=num_classes,
             min_class_count=min_class_count,
         )
-        frames = _measure_all(ckpts, runs, opts, progress)
+        with held_out_pairs(sources, notes) as refs:
+            frames = _measure_all(ckpts, runs, opts, progress, refs)
         _label_by_role(frames, layer_list, notes)
         notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
         _note_mixed_preprocessing(sources, notes)
@@ -271,7 +283,25 @@ def compare(
         notes=notes,
         unchecked=unchecked,
         fit=fit,
+        grouping=grouping,
     )
+
+
+def _split_name(source: Source) -> str:
+    return split_of(source) or TRAIN
+
+
+def _by_split(
+    run_of: Any, by: str | By | None, baseline: str | None
+) -> tuple[Any, str | By | None, str | None, str]:
+    """``by="split"`` is ``by="run"`` with each checkpoint's split as its run and train as
+    the baseline (the generalisation gap); returns ``run_of, by, baseline`` and what a
+    run is (``"run"`` or ``"split"``)."""
+    if by is None or by not in (By.split, By.split.value):
+        return run_of, by, baseline, "run"
+    if run_of != "auto":
+        raise UsageError("--by split names each row by its split; drop --run-from")
+    return _split_name, By.run, baseline or TRAIN, "split"
 
 
 def _note_mixed_preprocessing(sources: Sequence[Source], notes: list[str]) -> None:
@@ -300,7 +330,7 @@ def _check_modes(
     try:
         by = None if by is None else By(by)
     except ValueError:
-        raise UsageError(f"--by must be 'run', got {by!r}") from None
+        raise UsageError(f"--by must be 'run' or 'split', got {by!r}") from None
     if by is not None and across is not Across.epochs:
         raise UsageError(
             f"--by run lines runs up on epochs; it cannot go with --across {across.value}"
@@ -382,13 +412,14 @@ def _measure_all(
     runs: list[str],
     opts: MeasureOptions,
     progress: Callable[[str], None] | None,
+    references: dict[int, Source],
 ) -> list[pd.DataFrame]:
     """Measure each checkpoint; its rows carry the run, the step and the sort keys
     ``_ck`` (checkpoint), ``_run`` (run) and ``_lr`` (layer depth)."""
     run_rank = {r: i for i, r in enumerate(runs)}
     frames = []
     for rank, c in enumerate(ckpts):
-        df = measure_sources([c.source], opts, progress)
+        df = measure_sources([c.source], opts, progress, references)
         layer_rank = {name: i for i, name in enumerate(c.source.layers)}
         df.insert(1, "run", c.run)
         df.insert(3, "step", c.source.step)
@@ -465,12 +496,15 @@ def _with_fits(data: pd.DataFrame, names: list[str], notes: list[str]) -> pd.Dat
 
 
 def _public_columns(data: pd.DataFrame, *, keep_run: bool) -> pd.DataFrame:
-    """The tidy columns (``run`` only when ``keep_run``, ``step`` only when any is set)."""
+    """The tidy columns (``run`` only when ``keep_run``, ``step`` only when any is set,
+    ``split`` only when the inputs hold more than one split or a held-out one)."""
     keep_step = bool(data["step"].notna().any())
+    splits = set(data["split"].dropna()) if "split" in data.columns else set()
+    keep_split = len(splits) > 1 or bool(splits - {TRAIN})
     cols = [
         c
-        for c in ("source", "run", "epoch", "step", "layer", "metric", "value")
-        if (c != "run" or keep_run) and (c != "step" or keep_step)
+        for c in ("source", "run", "split", "epoch", "step", "layer", "metric", "value")
+        if (c != "run" or keep_run) and (c != "step" or keep_step) and (c != "split" or keep_split)
     ]
     return data[cols].copy()
 

@@ -74,6 +74,9 @@ class LayerContext:
     #: the layer's own linear weight (``W_{l+1}`` at chain position l)
     layer_weight: Any | None = None
     batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None
+    #: a held-out layer's statistics about the training class means (nccli.heldout);
+    #: the nearest-mean decisions and the ``*_vs_train`` metrics use it
+    reference: ClassStats | None = None
     _memo: dict[Any, tuple[bool, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -195,7 +195,8 @@ def feature_pass(ctx: LayerContext) -> dict[str, float]:
     def run() -> dict[str, float]:
         if ctx.batches is None:
             raise Undefined("the features are not available for a second pass")
-        st = ctx.stats
+        # a held-out split's nearest class mean is the nearest *training* mean
+        st = ctx.stats if ctx.reference is None else ctx.reference
         if ctx.weight is None:
             return nc4_pass(ctx.batches(), st, np.zeros((st.num_classes, st.dim)))
         return nc4_pass(ctx.batches(), st, ctx.weight, ctx.bias)
@@ -265,6 +266,17 @@ def _pass_reason(ctx: LayerContext) -> str | None:
 
 
 PASS = Need("a second pass over the features", _pass_reason)
+REFERENCE = Need(
+    "a training split",
+    lambda c: (
+        None if c.reference is not None else "not a held-out split measured with its training split"
+    ),
+)
+
+
+def _held_out(ctx: LayerContext) -> bool:
+    """``*_vs_train`` by default: held-out layers measured with their training split."""
+    return ctx.reference is not None
 
 
 def _has_layer_below(ctx: LayerContext) -> str | None:
@@ -308,6 +320,12 @@ _d(M("classes", "classes", "K: classes with at least max(1, --min-class-count) s
 _d(M("nc1", "nc1", "(1/K) Tr(Σ_W Σ_B⁺)", lambda c: nc.nc1(c.stats, c.center, c.rtol)))
 _d(M("nc1_trace", "nc1", "Tr(Σ_W) / Tr(Σ_B)", lambda c: nc.nc1_trace(c.stats, c.center)))
 _d(M("cdnv", "nc1", "mean_{k<l} (σ_k²+σ_l²) / (2||μ_k-μ_l||²)", lambda c: nc.cdnv(c.stats)))
+# held-out splits: the same about the training class means (nccli.heldout)
+_d(M("nc1_vs_train", "heldout", "nc1 of held-out features about the training means μ_k^tr",
+     lambda c: nc.nc1(c.reference, c.center, c.rtol), needs=(REFERENCE,),
+     shown_by_default=_held_out))
+_d(M("cdnv_vs_train", "heldout", "cdnv with σ_k² about μ_k^tr, distances ||μ_k^tr-μ_l^tr||",
+     lambda c: nc.cdnv(c.reference), needs=(REFERENCE,), shown_by_default=_held_out))
 # NC2: simplex ETF of the centred means (mean_vectors), of the classifier rows (classifier_rows)
 _d(M("nc2_equinorm_means", "nc2", "std ||μ_k-μ_G|| / mean ||μ_k-μ_G||",
      lambda c: nc.equinorm(mean_vectors(c))))

@@ -200,7 +200,8 @@ def _render_by_run(result: CompareResult, console: Console, crossed: set) -> Non
     layers = list(dict.fromkeys(df["layer"]))
     for m in base_metrics:
         table = Table(
-            title=f"{_header(m)}  · runs by epoch (Δ = run − {result.baseline})",
+            title=f"{_header(m)}  · {result.grouping}s by epoch "
+            f"(Δ = {result.grouping} − {result.baseline})",
             title_justify="left",
             header_style="bold",
         )

@@ -31,8 +31,12 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
         console.print("[dim]no rows[/dim]")
         return
     layer_rows = df[df["class"].isna()] if "class" in df.columns else df
-    for (source, epoch), part in layer_rows.groupby(["source", "epoch"], sort=False, dropna=False):
+    keys = ["source", "split", "epoch"] if "split" in df.columns else ["source", "epoch"]
+    for key, part in layer_rows.groupby(keys, sort=False, dropna=False):
+        source, epoch = key[0], key[-1]
         title = f"{source}" + ("" if epoch is pd.NA or pd.isna(epoch) else f"  (epoch {epoch})")
+        if len(key) == 3 and not pd.isna(key[1]):
+            title += f"  · split {key[1]}"
         table = Table(title=title, title_justify="left", header_style="bold")
         table.add_column("metric", style="cyan", no_wrap=True)
         table.add_column("", justify="center")
@@ -54,9 +58,17 @@ def render_measure_table(df: pd.DataFrame, console: Console) -> None:
         per = df[df["class"].notna()]
         if "class2" in df.columns:  # cosine-matrix rows are drawn as heatmaps below
             per = per[per["class2"].isna()]
-        for (source, layer), part in per.groupby(["source", "layer"], sort=False):
+        # one table per checkpoint and layer: same-named files of different folders or
+        # splits must not be pooled (pivot_table would average them)
+        for key, part in per.groupby([*keys, "layer"], sort=False, dropna=False):
+            source, layer = key[0], key[-1]
             w = part.pivot_table(index="class", columns="metric", values="value", sort=False)
-            table = Table(title=f"{source} · {layer} · per class", title_justify="left")
+            what = [str(source)]
+            if not pd.isna(key[-2]):
+                what.append(f"epoch {key[-2]}")
+            if len(key) == 4 and not pd.isna(key[1]):
+                what.append(f"split {key[1]}")
+            table = Table(title=f"{' · '.join(what)} · {layer} · per class", title_justify="left")
             table.add_column("class", justify="right")
             for col in w.columns:
                 table.add_column(col, justify="right")
@@ -90,9 +102,15 @@ def render_cosine_heatmaps(df: pd.DataFrame, console: Console) -> None:
         "cos_means": "cosines of centred class means",
         "cos_classifier": "cosines of classifier rows",
     }
-    for (source, layer, metric), part in df.groupby(["source", "layer", "metric"], sort=False):
+    keys = [c for c in ("source", "split", "epoch", "layer", "metric") if c in df.columns]
+    for key, part in df.groupby(keys, sort=False, dropna=False):
+        source, layer, metric = key[0], key[-2], key[-1]
         mat = part.pivot(index="class", columns="class2", values="value").sort_index()
-        console.print(f"[bold]{source} · {layer} · {titles.get(metric, metric)}[/bold]")
+        what = [
+            str(source),
+            *(f"{c} {v}" for c, v in zip(keys[1:-2], key[1:-2], strict=True) if not pd.isna(v)),
+        ]
+        console.print(f"[bold]{' · '.join(what)} · {layer} · {titles.get(metric, metric)}[/bold]")
         table = Table(header_style="bold")
         table.add_column("class", justify="right")
         for col in mat.columns:
