@@ -16,6 +16,14 @@ classifier          its input    L                ``classifier`` (``penultimate`
 ``--layers`` extra  its output   -1               ``other`` (no weight)
 ==================  ===========  ===============  ==================================
 
+``pool`` says how the module's output became one vector per sample: ``none`` (it was one
+already: head layers always), ``avg`` / ``max`` (global average / maximum over the spatial
+dims of a feature map) or ``flatten`` (all values; :mod:`nccli.extract.pooling`).  A layer
+named ``<module>#N`` holds the N-th call of a module that runs several times per forward
+(:attr:`Layer.call`).  ``order`` is the layer's place in the forward pass among the
+cached layers (0 runs first; -1 in caches written before it was recorded): readers list
+layers in that order, so a depth study sees the stem before ``layer1``.
+
 :func:`head_chain` finds the trailing chain of linear layers among records (or views
 with the same attributes) and :func:`compose_classifiers` the affine map from each layer
 of that chain to the logits.  This module imports numpy only.
@@ -31,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "CHAIN_ROLES",
+    "POOLS",
     "ROLES",
     "SIDES",
     "Layer",
@@ -45,6 +54,8 @@ ROLES = ("penultimate", "linear", "classifier", "other")
 CHAIN_ROLES = ("penultimate", "linear", "classifier")
 #: which side of the module was hooked
 SIDES = ("input", "output")
+#: how a module's output became the layer's features (``none``: used as it is)
+POOLS = ("none", "avg", "max", "flatten")
 
 
 @dataclass
@@ -64,6 +75,8 @@ class Layer:
     depth: int = 0
     role: str = "other"
     io: str = "input"
+    pool: str = "none"
+    order: int = -1
     weight: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
     stored: tuple[str, ...] = ()
@@ -76,7 +89,16 @@ class Layer:
             return f"layer {self.name!r}: unknown role {self.role!r}"
         if self.io not in SIDES:
             return f"layer {self.name!r}: unknown side {self.io!r}"
+        if self.pool not in POOLS:
+            return f"layer {self.name!r}: unknown pool {self.pool!r}"
         return None
+
+    @property
+    def call(self) -> int:
+        """``N`` for a layer named ``<module>#N`` (the module's N-th call in a forward pass),
+        0 for a module that runs once."""
+        head, sep, tail = self.name.rpartition("#")
+        return int(tail) if sep and head == self.module and tail.isdigit() else 0
 
     @property
     def has_weight(self) -> bool:
@@ -97,6 +119,8 @@ class Layer:
             "io": self.io,
             "depth": self.depth,
             "role": self.role,
+            "pool": self.pool,
+            "order": self.order,
             "dim": self.dim,
             "weight": shape,
             "bias": self.bias is not None,

@@ -193,9 +193,12 @@ def test_models_without_a_usable_classifier():
         discover_layers(NoLinear(), probe(4), source="ck.pt")
     with pytest.raises(DataError, match="ck.pt: the classifier fc runs 2 times"):
         discover_layers(TwiceClassifier(), probe(3), source="ck.pt")
-    # explicit layers still work without a classifier
-    disc = discover_layers(NoLinear(), probe(4), "conv")
+    # explicit layers still work without a classifier; a (B, 3, 1) output is ambiguous
+    with pytest.raises(DataError, match=r"conv returns \(batch, 3, 1\).*--pool flatten"):
+        discover_layers(NoLinear(), probe(4), "conv")
+    disc = discover_layers(NoLinear(), probe(4), "conv", pool="flatten")
     assert layout(disc) == [("conv", "output", -1, "other", 3)]
+    assert disc.layers[0].pool == "flatten"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

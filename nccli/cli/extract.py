@@ -32,11 +32,13 @@ from nccli.cli.options import (
     JsonOpt,
     LayersOpt,
     LimitOpt,
+    MaxMemoryOpt,
     ModelOpt,
     NormalizeOpt,
     NumWorkersOpt,
     OutDirOpt,
     OverwriteOpt,
+    PoolOpt,
     ProbeDataOpt,
     ResumeOpt,
     SplitOpt,
@@ -74,6 +76,8 @@ def extract(
     model: ModelOpt = None,
     state_key: StateKeyOpt = None,
     layers: LayersOpt = "auto",
+    pool: PoolOpt = None,
+    max_memory: MaxMemoryOpt = None,
     device: DeviceOpt = Device.auto,
     amp: AmpOpt = Amp.off,
     batch_size: BatchSizeOpt = 256,
@@ -131,6 +135,8 @@ def extract(
                 dist_timeout=dist_timeout,
                 skip_nonfinite=skip_nonfinite,
                 state_key=state_key,
+                pool=None if pool is None else pool.value,
+                max_memory=max_memory,
             )
         for p in paths:
             typer.echo(str(p))
@@ -146,6 +152,8 @@ def info(
     split: SplitOpt = "train",
     normalize: NormalizeOpt = None,
     layers: LayersOpt = "auto",
+    pool: PoolOpt = None,
+    max_memory: MaxMemoryOpt = None,
     trust_checkpoint: TrustOpt = False,
     as_json: JsonOpt = False,
     verify: VerifyOpt = False,
@@ -183,8 +191,10 @@ def info(
                     layers=layers,
                     trust_checkpoint=trust_checkpoint,
                     state_key=state_key,
+                    pool=None if pool is None else pool.value,
+                    max_memory=max_memory,
                 )
-            head = {k: v for k, v in desc.items() if k != "layers"}
+            head = {k: v for k, v in desc.items() if k not in ("layers", "plan")}
         if as_json:
             typer.echo(info_json(desc))
             return

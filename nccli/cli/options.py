@@ -18,6 +18,7 @@ from nccli.analyses import Loss, ReportKind
 from nccli.compare import Across, By, RunFrom
 from nccli.compare.depth import Fit
 from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
+from nccli.extract.pooling import Pool
 from nccli.report import OutputFormat
 
 SETUP_PANEL = "Training setup"
@@ -313,8 +314,30 @@ LayersOpt = Annotated[
     str,
     typer.Option(
         "--layers",
-        help="'auto' (penultimate feature + deep linear head + classifier) or module names / "
-        "globs, comma-separated ('layer4,head.*'; add 'auto' to keep the head too).",
+        help="'auto' (penultimate feature + deep linear head + classifier), 'blocks' (the "
+        "model's top-level stages in executed order + the head), or module names / globs, "
+        "comma-separated ('layer4,head.*'; '*' stays within one level, '**' crosses levels; "
+        "'layer1.0.relu#2' is a module's 2nd call; add 'auto' to keep the head too).",
+    ),
+]
+PoolOpt = Annotated[
+    Pool | None,
+    typer.Option(
+        "--pool",
+        help="How a selected module's feature map (B, C, H, W, ...) becomes one vector per "
+        "sample: avg (global average over the spatial dims; the default), max, or flatten "
+        "(all C·H·W values; also the only choice for a (B, X, Y) output).",
+        show_default=False,
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Refuse, before any pass, layers whose statistics (d×d float64 scatter, class "
+        "means, per-batch update) would need more: 8G, 512M, 2GiB, bytes, or 'none' "
+        "(default: half the available memory).",
     ),
 ]
 TrustOpt = Annotated[

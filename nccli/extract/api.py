@@ -16,6 +16,8 @@ import numpy as np
 from nccli.errors import DataError, UsageError
 from nccli.extract import distributed as dist_mod
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, resolve_device
+from nccli.extract.plan import parse_size
+from nccli.extract.pooling import check_pool
 from nccli.extract.runner import Runner, Settings
 from nccli.report.console import print_notes, progress_bar
 
@@ -31,7 +33,11 @@ def _check_options(
     num_workers: int,
     arch: str | None,
     model: str | None,
+    pool: str | None = None,
+    max_memory: Any = None,
 ) -> list[Path]:
+    check_pool(pool)  # None: avg, the default (noted)
+    parse_size(max_memory)
     if amp not in AMP_DTYPES:
         raise UsageError(f"--amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
     if feature_dtype not in FEATURE_DTYPES:
@@ -126,30 +132,33 @@ def extract(
     dist_timeout: float = 30.0,
     skip_nonfinite: bool = False,
     state_key: str | None = None,
+    pool: str | None = None,
+    max_memory: str | int | float | None = None,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
     ``data`` is a dataset spec (:func:`nccli.io.datasets.open_dataset`), opened once.
     ``arch`` (zoo spec) or ``model`` (``pkg.module:factory`` or ``file.py:factory``, then
     optionally ``:key=value,...``; see :func:`~nccli.io.checkpoints.load_model`, also for
-    ``state_key``) builds the network a state dict is loaded into.  ``layers``:
-    ``"auto"`` or names/globs (:func:`discover_layers`).
-    ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype`` is how features are stored;
-    statistics are float64 of the stored values.  A finished cache of the same checkpoint
-    and data is skipped unless ``overwrite``; ``resume`` continues a ``.partial``.
-    ``num_workers > 0`` loads (and pins) batches in a thread, ``2·num_workers`` ahead.
-    ``progress=False`` silences stderr (the bar only shows on a terminal).
-    ``skip_nonfinite`` drops samples with NaN/Inf features or logits in any layer from
-    every layer (counted per class) instead of failing.  Returns the cache paths.
+    ``state_key``) builds the network a state dict is loaded into.  ``layers``: ``"auto"``,
+    ``"blocks"`` or names/globs/``name#N`` (:func:`discover_layers`), feature maps pooled
+    by ``pool`` (``avg``: the default when None; ``max``, ``flatten``).  ``max_memory``
+    (``"8G"``, ``"none"``; None: half the available memory) caps the planned statistics
+    (:mod:`nccli.extract.plan`).  ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype``
+    is how features are stored; statistics are float64 of the stored values.  A finished
+    cache of the same checkpoint and data is skipped unless ``overwrite``; ``resume``
+    continues a ``.partial``.  ``num_workers > 0`` loads (and pins) batches in a thread,
+    ``2·num_workers`` ahead; ``progress=False`` silences stderr.  ``skip_nonfinite`` drops
+    samples with NaN/Inf features or logits in any layer from every layer (counted per
+    class) instead of failing.  Returns the cache paths.
 
     Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it) each rank
     extracts a disjoint shard ``<stem>.rank<r>.h5``; rank 0 merges and checks the ranks'
     statistics (:mod:`nccli.extract.distributed`; ``dist_backend`` auto/gloo/nccl,
     ``dist_timeout`` minutes).  Returns this rank's shard paths then.
     """
-    paths = _check_options(
-        checkpoints, amp, batch_size, feature_dtype, limit, num_workers, arch, model
-    )
+    opts = (amp, batch_size, feature_dtype, limit, num_workers, arch, model, pool, max_memory)
+    paths = _check_options(checkpoints, *opts)
     dev = resolve_device(device)
     group = _join_group(dev, distributed, dist_backend, dist_timeout)
     if group is not None:
@@ -160,11 +169,9 @@ def extract(
         cfg = Settings(
             dev, amp, batch_size, feature_dtype, layers, arch, model, trust_checkpoint,
             resume, overwrite, command if command is not None else shlex.join(sys.argv),
-            notes=progress,
-            rank=group.rank if group is not None else 0,
+            notes=progress, rank=group.rank if group is not None else 0,
             world_size=group.world_size if group is not None else 1,
-            skip_nonfinite=skip_nonfinite,
-            state_key=state_key,
+            skip_nonfinite=skip_nonfinite, state_key=state_key, pool=pool, max_memory=max_memory,
         )  # fmt: skip
         from nccli.io.datasets import open_dataset
 
@@ -174,9 +181,8 @@ def extract(
             print_notes(ds.require_normalize(), quiet=not progress or cfg.rank != 0)
             return _run_all(ds, str(data), split, cfg, paths, out, group, num_workers)
         finally:
-            close = getattr(ds, "close", None)
-            if close is not None:
-                close()
+            if getattr(ds, "close", None) is not None:
+                ds.close()
     finally:
         if group is not None:
             group.close()

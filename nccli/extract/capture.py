@@ -1,8 +1,10 @@
 """Capturing a layer's features in the forward pass, and what to do with NaN/Inf.
 
 :class:`Capture` hooks the chosen modules (their input for head layers, their output for
-other selected modules) and hands back one flattened ``(B, d)`` tensor per layer and
-forward.  :func:`nonfinite_rows` is the policy for non-finite values: refuse, naming the
+other selected modules; for a layer ``<module>#N`` the module's N-th call) and hands back
+one ``(B, d)`` tensor per layer and forward: a feature map is pooled in the hook, on the
+device, as the layer's ``pool`` says (:func:`nccli.extract.pooling.pool_features`), so
+the map itself is not kept alive to the end of the forward pass.  :func:`nonfinite_rows` is the policy for non-finite values: refuse, naming the
 checkpoint, layer and sample, or (``--skip-nonfinite``) drop the sample from every layer.
 """
 
@@ -17,6 +19,7 @@ from torch import nn
 
 from nccli.errors import DataError
 from nccli.extract.discovery import first_input
+from nccli.extract.pooling import pool_features
 from nccli.layers import Layer
 
 __all__ = ["Capture", "drop_rows", "nonfinite_rows"]
@@ -29,6 +32,7 @@ class Capture:
         self.source = source
         self.choices = choices
         self.seen: dict[str, list[torch.Tensor]] = {c.name: [] for c in choices}
+        self.calls: dict[str, int] = {c.name: 0 for c in choices}  # this forward's, per layer
         modules = dict(model.named_modules())
         self.handles = [
             modules[c.module].register_forward_hook(self._hook(c), with_kwargs=True)
@@ -36,8 +40,15 @@ class Capture:
         ]
 
     def _hook(self, choice: Layer) -> Callable[..., None]:
+        want = choice.call  # 0: every call (the module runs once)
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            self.calls[choice.name] += 1
+            if want and self.calls[choice.name] != want:
+                return
             t = first_input(args, kwargs) if choice.io == "input" else out
+            if isinstance(t, torch.Tensor) and t.ndim >= 1:
+                t = pool_features(t, choice.pool)
             self.seen[choice.name].append(t)
 
         return hook
@@ -46,14 +57,14 @@ class Capture:
         out: dict[str, torch.Tensor] = {}
         for c in self.choices:
             got = self.seen[c.name]
-            self.seen[c.name] = []
+            self.seen[c.name], self.calls[c.name] = [], 0
             if len(got) != 1 or not isinstance(got[0], torch.Tensor):
                 raise DataError(
                     f"{self.source}: layer {c.name} was captured {len(got)} times in one "
                     "forward pass (expected once); the model's control flow changed since the "
                     "probe"
                 )
-            t = got[0].reshape(got[0].shape[0], -1) if got[0].ndim != 2 else got[0]
+            t = got[0]
             if t.shape != (B, c.dim):
                 raise DataError(
                     f"{self.source}: layer {c.name} gave features of shape {tuple(t.shape)}, "

@@ -8,17 +8,23 @@ walks back through the trailing run of ``nn.Linear`` layers; ``Flatten``/``Dropo
 output is not exactly the next one's input (a functional ``relu`` or a residual add in
 ``forward`` is invisible to module hooks, but not to this check).  That run is the deep
 linear head ``W_1 … W_L`` plus the classifier ``W_{L+1}``; its layers are cached by their
-*input*, other ``--layers`` modules by their flattened *output* (roles and depths:
-:mod:`nccli.layers`).  Each head layer keeps its own module's weight and bias, so a reader
-composes the classifier acting on depth ``l`` as ``C_l = W_{L+1} ⋯ W_{l+1}``.
+*input*, other ``--layers`` modules by their *output*, reduced to one vector per sample by
+``--pool`` (roles and depths: :mod:`nccli.layers`; pooling: :mod:`nccli.extract.pooling`).
+Each head layer keeps its own module's weight and bias, so a reader composes the
+classifier acting on depth ``l`` as ``C_l = W_{L+1} ⋯ W_{l+1}``.
+
+The ``--layers`` grammar (``auto``, ``blocks``, paths, one-level globs, ``name#N``) is
+:mod:`nccli.extract.selection`'s; ``blocks`` is resolved here, from the probe: the outputs
+of the root's children in the order they run, without the head, the modules that pass
+their input through (``Flatten``, ``Identity``, ``Dropout``, an empty ``Sequential``) and
+duplicates of the next layer's features; a leading run of leaf children (``conv1 bn1
+relu``, the stem) gives its last one; plus the head.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,8 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 from nccli.errors import DataError, NCError, UsageError
+from nccli.extract.pooling import check_pool, pooled
+from nccli.extract.selection import Pattern, match_modules, names_list, split_layers
 from nccli.io._util import one_line
 from nccli.layers import Layer, show_classifier_input
 
@@ -43,7 +51,9 @@ class Discovery:
     ``head`` lists the module paths of the linear chain from the first head layer to the
     classifier (empty when no classifier was found or asked for); ``layers`` are the
     layers to cache, head first (depth order), then other selected modules in executed
-    order; ``executed`` is the leaf modules in the order the probe ran them.
+    order; ``executed`` is the leaf modules in the order the probe ran them; ``shapes`` the
+    per-sample shape of each layer's module output (input for head layers) before pooling;
+    ``notes`` what the selection decided that the user should hear once (stderr).
     """
 
     layers: list[Layer]
@@ -52,6 +62,8 @@ class Discovery:
     num_logits: int
     executed: list[str]
     input_shape: tuple[int, ...]
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def head_depth(self) -> int:
@@ -59,8 +71,9 @@ class Discovery:
         return max(len(self.head) - 1, 0)
 
     def rows(self) -> list[dict[str, Any]]:
-        """The layer layout as plain dicts (for ``nccli info``)."""
-        return show_classifier_input([layer.row() for layer in self.layers])
+        """The layer layout as plain dicts, in executed order (for ``nccli info``)."""
+        ordered = sorted(self.layers, key=lambda layer: layer.order)  # the forward pass's
+        return show_classifier_input([layer.row() for layer in ordered])
 
 
 @dataclass
@@ -74,18 +87,6 @@ class _Call:
 
 def _group_name(path: str) -> str:
     return path or "model"
-
-
-def _split_layers(layers: str | Sequence[str] | None) -> tuple[bool, list[str]]:
-    """``"auto"`` / ``"a.b,c.*"`` / a list → (want the auto head, explicit patterns)."""
-    if layers is None:
-        return True, []
-    items = [layers] if isinstance(layers, str) else list(layers)
-    tokens = [t.strip() for item in items for t in str(item).split(",") if t.strip()]
-    if not tokens:
-        return True, []
-    auto = any(t.lower() == "auto" for t in tokens)
-    return auto, [t for t in tokens if t.lower() != "auto"]
 
 
 def logits_of(out: Any, source: str) -> torch.Tensor:
@@ -122,12 +123,6 @@ def _param(t: torch.Tensor | None) -> np.ndarray | None:
     return (t if t.dtype == torch.float64 else t.float()).numpy().copy()
 
 
-def _names(items: Sequence[str], limit: int = 8) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"
-
-
 def first_input(args: tuple, kwargs: dict) -> Any:
     if args:
         return args[0]
@@ -145,22 +140,6 @@ class _Probe:
     @property
     def leaf_calls(self) -> list[_Call]:
         return [c for c in self.calls if c.leaf]
-
-
-def _match(
-    named: list[tuple[str, nn.Module]], patterns: list[str], source: str
-) -> dict[str, list[str]]:
-    """Module paths matched by each ``--layers`` pattern (each must match one)."""
-    matched: dict[str, list[str]] = {}
-    for pat in patterns:
-        hits = [n for n, _ in named if n and (n == pat or fnmatch.fnmatchcase(n, pat))]
-        if not hits:
-            raise UsageError(
-                f"{source}: --layers {pat!r} matches no module; modules are "
-                f"{_names([n for n, _ in named if n], 12)}"
-            )
-        matched[pat] = hits
-    return matched
 
 
 def _probe(
@@ -284,41 +263,130 @@ def _head_layers(head: list[_Call], first: int, B: int, source: str) -> list[Lay
     return out
 
 
-def _other_layers(
-    probe: _Probe, matched: dict[str, list[str]], kept_head: list[str], B: int, source: str
-) -> list[Layer]:
-    """Records of the selected modules outside the kept head (each by its flat output)."""
-    ran_first: dict[str, int] = {}
-    for i, c in enumerate(probe.calls):
-        ran_first.setdefault(c.name, i)
-    others: list[str] = []
+@dataclass(frozen=True)
+class _Pick:
+    """A selected module call: the module, its call index (0: it runs once), where it ran
+    in the probe (``probe.calls``) and what it returned."""
+
+    module: str
+    call: int
+    index: int
+    output: Any = field(compare=False)
+
+
+def _runs(probe: _Probe, name: str) -> list[int]:
+    return [i for i, c in enumerate(probe.calls) if c.name == name]
+
+
+def _pick(probe: _Probe, name: str, call: int, token: str, source: str) -> _Pick:
+    """The call of ``name`` that ``--layers`` asks for (``#N``, or its only call)."""
+    runs = _runs(probe, name)
+    n = len(runs)
+    if call == 0 and n > 1:
+        raise DataError(
+            f"{source}: module {_group_name(name)} runs {n} times per forward pass; select "
+            f"one call with --layers '{name}#1' … '{name}#{n}' (its N-th call)"
+        )
+    if call > n:
+        raise UsageError(
+            f"{source}: --layers {token!r}: module {_group_name(name)} runs {n} "
+            f"time{'s' * (n != 1)} per forward pass, so it has no call #{call}"
+        )
+    i = runs[max(call, 1) - 1]
+    return _Pick(name, call if n > 1 else 0, i, probe.calls[i].output)
+
+
+def _selected(
+    probe: _Probe, matched: dict[Pattern, list[str]], kept_head: list[str], source: str
+) -> list[_Pick]:
+    """The calls the explicit ``--layers`` patterns select outside the kept head."""
+    picks: list[_Pick] = []
     for pat, hits in matched.items():
-        ran = [n for n in hits if n in ran_first]
+        ran = [n for n in hits if n in probe.counts]
         if not ran:
             raise UsageError(
-                f"{source}: --layers {pat!r}: {_names(hits, 4)} did not run during the forward "
-                "pass; pick a module the model calls"
+                f"{source}: --layers {pat.text!r}: {names_list(hits, 4)} did not run during the "
+                "forward pass; pick a module the model calls"
             )
-        others.extend(n for n in ran if n not in kept_head and n not in others)
-    out: list[Layer] = []
-    for name in sorted(others, key=lambda n: ran_first[n]):
-        if probe.counts.get(name, 0) != 1:
-            raise DataError(
-                f"{source}: module {name} runs {probe.counts[name]} times per forward pass; nccli "
-                "caches one feature per sample, select a module that runs once"
-            )
-        out_t = next(c.output for c in probe.calls if c.name == name)
-        if not isinstance(out_t, torch.Tensor) or out_t.ndim < 1 or out_t.shape[0] != B:
-            shape = tuple(out_t.shape) if isinstance(out_t, torch.Tensor) else type(out_t).__name__
-            raise DataError(
-                f"{source}: module {name} returns {shape}, not a (batch={B}, ...) tensor; "
-                "select another module with --layers"
-            )
-        dim = int(math.prod(out_t.shape[1:]))
-        out.append(
-            Layer(name=_group_name(name), dim=dim, module=name, depth=-1, role="other", io="output")
+        picks.extend(_pick(probe, n, pat.call, pat.text, source) for n in ran if n not in kept_head)
+    return picks
+
+
+def _check_output(out: Any, name: str, B: int, source: str) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.ndim < 1 or out.shape[0] != B:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise DataError(
+            f"{source}: module {_group_name(name)} returns {shape}, not a (batch={B}, ...) "
+            "tensor; select another module with --layers"
         )
     return out
+
+
+def _other_layers(
+    picks: list[_Pick], B: int, pool: str, source: str
+) -> tuple[list[Layer], dict[str, tuple[int, ...]]]:
+    """Records of the picked calls in executed order (each by its pooled output), and the
+    per-sample shapes of those outputs."""
+    out: list[Layer] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for p in sorted(set(picks), key=lambda p: p.index):
+        t = _check_output(p.output, p.module, B, source)
+        name = _group_name(p.module) + (f"#{p.call}" if p.call else "")
+        shape = tuple(int(s) for s in t.shape[1:])
+        used, dim = pooled(shape, pool, f"{source}: module {name}")
+        shapes[name] = shape
+        out.append(Layer(name, dim, p.module, -1, "other", "output", pool=used, order=p.index))
+    return out, shapes
+
+
+def _passes_through(call: _Call) -> bool:
+    """A module that hands its input on (Flatten, Identity, Dropout, an empty Sequential,
+    or one whose output equals its input on the probe)."""
+    return isinstance(call.module, PASSTHROUGH) or _feeds(call.output, call.input)
+
+
+def _blocks(model: nn.Module, probe: _Probe, head: list[_Call]) -> tuple[list[_Pick], list[str]]:
+    """``--layers blocks``: the root's children in executed order (see the module notes),
+    and notes on what was left out."""
+    notes: list[str] = []
+    modules = dict(model.named_modules())
+    top = [n for n, _ in model.named_children()]
+    if "blocks" in modules:
+        notes.append(
+            "--layers blocks selects the model's stages; its module named 'blocks' is "
+            "selected with --layers 'block[s]'"
+        )
+    head_names = {c.name for c in head}
+    end = next(i for i, c in enumerate(probe.calls) if c is head[0]) if head else len(probe.calls)
+    cands: list[_Pick] = []
+    for name in sorted((n for n in top if n in probe.counts), key=lambda n: _runs(probe, n)[0]):
+        runs = _runs(probe, name)
+        if any(h == name or h.startswith(name + ".") for h in head_names) or runs[-1] > end:
+            continue  # the head (cached by its inputs) and what runs after it
+        if len(runs) > 1:
+            notes.append(
+                f"--layers blocks: {name} runs {len(runs)} times per forward pass and is left "
+                f"out; select a call with --layers '{name}#N'"
+            )
+            continue
+        if not _passes_through(probe.calls[runs[0]]):
+            cands.append(_Pick(name, 0, runs[0], probe.calls[runs[0]].output))
+    leaf = [not any(True for _ in modules[p.module].children()) for p in cands]
+    stem = next((k for k, is_leaf in enumerate(leaf) if not is_leaf), 0)
+    cands = cands[max(stem - 1, 0) :]  # the stem's last module stands for it
+    nxt = [*(p.output for p in cands[1:]), head[0].input if head else None]
+    return [p for p, q in zip(cands, nxt, strict=True) if not _feeds(p.output, q)], notes
+
+
+def _rank(head: list[Layer], calls: list[_Call], probe: _Probe, others: list[Layer]) -> None:
+    """Each layer's ``order``: its place among the cached layers in the forward pass (a
+    head layer where its module ran; an other layer holds its call's index until here)."""
+    at = {id(c): i for i, c in enumerate(probe.calls)}
+    for layer, call in zip(head, calls, strict=True):
+        layer.order = at[id(call)]
+    every = sorted(head + others, key=lambda c: c.order)
+    for rank, layer in enumerate(every):
+        layer.order = rank
 
 
 def discover_layers(
@@ -326,25 +394,31 @@ def discover_layers(
     probe_batch: torch.Tensor,
     layers: str | Sequence[str] | None = "auto",
     *,
+    pool: str | None = None,
     source: str = "model",
 ) -> Discovery:
     """Find the penultimate feature, the deep linear head and the classifier of ``model``.
 
     One forward pass of ``probe_batch`` (a few real samples, on the model's device) with a
-    hook on every leaf module.  ``layers`` is ``"auto"`` (the head), or dotted module
-    names / globs separated by commas (``"layer4,head.*"``), optionally with ``auto``
-    among them.  A selected head module is cached with the head modules above it (their
-    weights compose its classifier); any other selected module is cached by its
-    flattened output.  ``source`` names the checkpoint in error messages.
+    hook on every leaf module.  ``layers`` is ``"auto"`` (the head), ``"blocks"`` (the
+    model's stages and the head) or dotted module names / globs / ``name#N`` separated by
+    commas (``"layer4,head.*"``; the grammar is in the module notes), optionally with
+    ``auto`` among them.  A selected head module is cached with the head modules above it
+    (their weights compose its classifier); any other selected module is cached by its
+    output, reduced by ``pool`` (``avg``, the default when ``None``, ``max`` or
+    ``flatten``; :func:`nccli.extract.pooling.pooled`).  ``source`` names the checkpoint
+    in error messages.
     """
-    want_auto, patterns = _split_layers(layers)
+    want_auto, want_blocks, patterns = split_layers(layers, source)
+    pool_name = check_pool(pool)
     named = list(model.named_modules())
     modules = dict(named)
     leaves = {n for n, m in named if not any(True for _ in m.children())}
-    matched = _match(named, patterns, source)
+    matched, notes = match_modules(named, patterns, source)
     selected = {n for hits in matched.values() for n in hits}
-    keep = {n for n in leaves if isinstance(modules[n], nn.Linear)} | selected
-    probe = _probe(model, probe_batch, leaves | selected, keep, leaves, source)
+    top = {n for n, _ in model.named_children()} if want_blocks else set()
+    keep = {n for n in leaves if isinstance(modules[n], nn.Linear)} | selected | top
+    probe = _probe(model, probe_batch, leaves | selected | top, keep, leaves, source)
     B = int(probe_batch.shape[0])
     K = _check_probe(model, probe, B, source)
     head = _head_calls(model, probe, want_auto, source)
@@ -354,16 +428,29 @@ def discover_layers(
     first = 0 if want_auto else (min(hit) if hit else len(names))
     choices = _head_layers(head, first, B, source)
     kept_head = [c.module for c in choices]
-    choices += _other_layers(probe, matched, kept_head, B, source)
-    if not choices:
+    picks = _selected(probe, matched, kept_head, source)
+    if want_blocks:
+        found, more = _blocks(model, probe, head)
+        picks, notes = picks + found, notes + more
+    others, shapes = _other_layers(picks, B, pool_name, source)
+    if not choices and not others:
         raise UsageError(f"{source}: --layers {layers!r} selects no layer to cache")
+    _rank(choices, head[first:], probe, others)
+    averaged = [c.name for c in others if c.pool == "avg"]
+    if pool is None and averaged:
+        notes.append(
+            f"{names_list(averaged, 6)}: feature maps averaged over their spatial dims (--pool "
+            "avg, the default; --pool max or --pool flatten to change)"
+        )
     return Discovery(
-        layers=choices,
+        layers=choices + others,
         classifier=kept_head[-1] if kept_head else None,
         head=kept_head,
         num_logits=K,
         executed=[c.name for c in probe.leaf_calls],
         input_shape=tuple(int(s) for s in probe_batch.shape[1:]),
+        shapes={**{c.name: (c.dim,) for c in choices}, **shapes},
+        notes=notes,
     )
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from nccli.errors import UsageError
+from nccli.errors import DataError, UsageError
 from nccli.extract.devices import input_dtype, resolve_device
 from nccli.extract.discovery import discover_layers
+from nccli.extract.plan import check_plan, format_bytes, make_plan, memory_limit
 from nccli.extract.runner import PROBE_SAMPLES, eval_mode
 from nccli.io.cache import describe as describe_cache
 from nccli.report.console import print_notes
@@ -34,6 +35,29 @@ def _probe_shape(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+def _probe_batch(
+    module: nn.Module, path: Any, data: str | None, split: str, normalize: str | None
+) -> tuple[torch.Tensor, str | None, int | None]:
+    """The probe inputs, the preprocessing they had and the dataset's size (``None`` for
+    the noise probe)."""
+    if data is not None:
+        from nccli.io.datasets import open_dataset
+
+        with open_dataset(data, split=split, normalize=normalize) as ds:
+            print_notes(ds.require_normalize())  # image data need an explicit --normalize
+            probe = next(iter(ds.iter_batches(PROBE_SAMPLES)))[0]
+            return probe, ds.normalization, len(ds)
+    shape = _probe_shape(module)
+    if shape is None:
+        raise UsageError(
+            f"{path}: cannot tell the model's input shape; pass --data SPEC so nccli can "
+            "run a probe batch"
+        )
+    # seeded noise rather than zeros: the head check compares values, and a hidden
+    # relu between two linear layers is invisible on an all-zero probe
+    return torch.randn((2, *shape), generator=torch.Generator().manual_seed(0)), None, None
+
+
 def describe_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -46,6 +70,9 @@ def describe_checkpoint(
     trust_checkpoint: bool = False,
     device: str = "cpu",
     state_key: str | None = None,
+    pool: str | None = None,
+    max_memory: str | int | float | None = None,
+    batch_size: int = 256,
 ) -> dict[str, Any]:
     """What ``extract --layers <layers>`` would cache for this checkpoint.
 
@@ -55,7 +82,14 @@ def describe_checkpoint(
     explicit ``normalize`` (as for ``extract``); ``"normalization"`` in the result is
     what the probe applied (left out for the noise probe).  ``state_key`` picks the
     weights in a checkpoint dict (as for ``extract``); what was inferred from them
-    (``num_classes``) is a note on stderr.
+    (``num_classes``) is a note on stderr.  ``pool`` is ``extract``'s.
+
+    The memory plan (:mod:`nccli.extract.plan`) comes with it: each layer row has its
+    module's per-sample ``shape`` before pooling, its ``pool``, ``dim`` after pooling,
+    ``stats_bytes`` and (with ``data``) ``feature_bytes`` for the whole dataset;
+    ``"plan"`` has the totals at ``batch_size``, the limit (``max_memory`` as for
+    ``extract``) and ``refused``, the line ``extract`` would refuse with (else ``None``);
+    ``"memory_plan"`` says the same in one line.
     """
     from nccli.io.checkpoints import load_model
 
@@ -72,25 +106,11 @@ def describe_checkpoint(
     )
     print_notes(loaded.notes, escape_text=True)  # what was inferred from the weights
     module = eval_mode(loaded.module.to(dev))
-    if data is not None:
-        from nccli.io.datasets import open_dataset
-
-        with open_dataset(data, split=split, normalize=normalize) as ds:
-            print_notes(ds.require_normalize())  # image data need an explicit --normalize
-            probe = next(iter(ds.iter_batches(PROBE_SAMPLES)))[0]
-            preprocessing = ds.normalization
-    else:
-        shape = _probe_shape(module)
-        if shape is None:
-            raise UsageError(
-                f"{path}: cannot tell the model's input shape; pass --data SPEC so nccli can "
-                "run a probe batch"
-            )
-        # seeded noise rather than zeros: the head check compares values, and a hidden
-        # relu between two linear layers is invisible on an all-zero probe
-        probe = torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
-        preprocessing = None
-    disc = discover_layers(module, probe.to(dev, input_dtype(module)), layers, source=str(path))
+    probe, preprocessing, num_samples = _probe_batch(module, path, data, split, normalize)
+    x = probe.to(dev, input_dtype(module))
+    disc = discover_layers(module, x, layers, pool=pool, source=str(path))
+    print_notes(disc.notes, escape_text=True)
+    plan, line, layer_costs = _plan(disc, num_samples, batch_size, max_memory, str(path))
     return {
         "path": str(path),
         "format": loaded.format,
@@ -104,5 +124,36 @@ def describe_checkpoint(
         "num_logits": disc.num_logits,
         "classifier": disc.classifier,
         "head_depth": disc.head_depth,
-        "layers": disc.rows(),
+        "memory_plan": line,
+        "plan": plan,
+        "layers": [{**r, **c.row()} for r, c in zip(disc.rows(), layer_costs, strict=True)],
     }
+
+
+def _plan(
+    disc: Any, n: int | None, batch_size: int, max_memory: Any, source: str
+) -> tuple[dict[str, Any], str, list[Any]]:
+    """The plan's totals and verdict, the same as one line, and each layer's cost."""
+    plan = make_plan(disc, n, batch_size)
+    limit, how = memory_limit(max_memory)
+    try:
+        check_plan(plan, limit, how, source)
+        refused = None
+    except DataError as exc:
+        refused = str(exc)
+    line = (
+        f"statistics {format_bytes(plan.stats_bytes)}, peak {format_bytes(plan.peak_bytes)} at "
+        f"--batch-size {batch_size}"
+        + (f", features {format_bytes(plan.feature_bytes)} for {n} samples" if n else "")
+        + (f"; extract would refuse: {refused}" if refused else f"; within the limit ({how})")
+    )
+    info = {
+        "batch_size": batch_size,
+        "num_samples": n,
+        "feature_bytes": plan.feature_bytes if n else None,
+        "stats_bytes": plan.stats_bytes,
+        "peak_bytes": plan.peak_bytes,
+        "limit_bytes": None if limit == float("inf") else int(limit),
+        "refused": refused,
+    }
+    return info, line, plan.layers

@@ -41,6 +41,9 @@ from nccli.extract.devices import (
 )
 from nccli.extract.discovery import Discovery, discover_layers, logits_of
 from nccli.extract.pipeline import BackgroundWriter, Rows, prefetch, to_host
+from nccli.extract.plan import check_plan, make_plan, memory_limit
+from nccli.extract.pooling import check_pool
+from nccli.extract.selection import head_only
 from nccli.io._util import file_sha256, one_line
 from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_resumable
 from nccli.io.cache.state import inputs_record
@@ -74,6 +77,8 @@ class Settings:
     world_size: int = 1
     skip_nonfinite: bool = False  # drop samples with NaN/Inf in any layer, from every layer
     state_key: str | None = None  # --state-key: where in the checkpoint dict the weights are
+    pool: str | None = None  # --pool for feature maps (None: avg, the default, noted)
+    max_memory: str | int | float | None = None  # --max-memory (None: half the available)
 
 
 def eval_mode(module: nn.Module) -> nn.Module:
@@ -138,6 +143,7 @@ class Runner:
         self.probe = next(iter(ds.iter_batches(n_probe)))[0]
         self.max_label = int(np.max(ds.labels)) if len(ds.labels) else -1
         self._digests: dict[tuple[int, int], str] = {}  # inputs' digest per row range
+        self._noted: set[str] = set()  # discovery notes are said once per call
 
     def note(self, text: str) -> None:
         """One note on stderr (unless notes are off)."""
@@ -154,6 +160,8 @@ class Runner:
             **shard_attrs(cfg, len(self.ds)),
             # a cache of another entry of the same file (the EMA, not the model) is not it
             **({"state_key": cfg.state_key.strip()} if cfg.state_key is not None else {}),
+            # feature maps pooled otherwise are other features (head-only runs have none)
+            **({"pool": _pool(cfg)} if not head_only(cfg.layers) else {}),
         }
 
     def inputs_digest(self, start: int, stop: int) -> str:
@@ -195,6 +203,14 @@ class Runner:
             if have is not None and self._unchanged(out_path, have, start, stop):
                 return out_path
         m = self._load(ckpt)
+        # the planned statistics must fit before anything is allocated or created
+        limit, how = memory_limit(cfg.max_memory, stats_device(cfg.device))
+        check_plan(
+            make_plan(m.disc, stop - start, cfg.batch_size, cfg.feature_dtype),
+            limit,
+            how,
+            str(ckpt),
+        )
         # this process owns the cache (and its partial) from here on: a second nccli
         # writing it, or a link planted at either name, is refused before anything is read
         with claim_output(out_path):
@@ -235,7 +251,12 @@ class Runner:
         module = eval_mode(loaded.module.to(cfg.device))
         x_dtype = input_dtype(module)
         src = str(ckpt)
-        disc = discover_layers(module, self.probe.to(cfg.device, x_dtype), cfg.layers, source=src)
+        probe = self.probe.to(cfg.device, x_dtype)
+        disc = discover_layers(module, probe, cfg.layers, pool=cfg.pool, source=src)
+        for text in disc.notes:
+            if text not in self._noted:
+                self._noted.add(text)
+                self.note(text)
         K = disc.num_logits
         if K != self.ds.num_classes and self.max_label + 1 > K:
             one = int(np.min(self.ds.labels)) == 1  # labels 1..K on a K-logit model
@@ -282,6 +303,7 @@ class Runner:
             "torch_version": str(torch.__version__),
             "device": device_label(cfg.device),
             "amp": cfg.amp,
+            "pool": _pool(cfg),
             "command": cfg.command,
             "classifier": m.disc.classifier,
             "head_depth": m.disc.head_depth if m.disc.head else None,
@@ -525,6 +547,11 @@ class Runner:
             ready,
             skipped=None if skipped is None else skipped.copy(),
         )
+
+
+def _pool(cfg: Settings) -> str:
+    """The ``--pool`` asked for (what feature maps get; each layer records what it got)."""
+    return check_pool(cfg.pool)
 
 
 def _rows_done(writer: CacheWriter) -> int:

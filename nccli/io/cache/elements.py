@@ -7,9 +7,11 @@ element             version  layout
                              ``/labels``, ``/indices``, ``/logits``, ``/layers``
 ``nccli-cache``     2        the same without ``format``/``schema_version`` (the encoding
                              pair is the one version marker); every element is version 2
-``nccli-layer``     1, 2     ``/layers/<name>``: attributes ``module depth role dim io``,
-                             ``features`` (N, d), ``weight``/``bias`` of a linear module,
-                             ``stats``
+``nccli-layer``     1, 2     ``/layers/<name>``: attributes ``module depth role dim io``
+                             and ``pool`` (``none avg max flatten``; read as ``none`` when
+                             absent, as in caches written before it) and ``order`` (the
+                             place in the forward pass; -1 when absent), ``features`` (N, d),
+                             ``weight``/``bias`` of a linear module, ``stats``
 ``nccli-classstats``  1      ``counts means scatter class_ss``; ``sha256`` optional
 ``nccli-classstats``  2      the same; ``sha256`` required
 ==================  =======  ==============================================================
@@ -39,7 +41,7 @@ from nccli.io.cache.encoding import (
     write_elem,
 )
 from nccli.io.h5safe import check_size, check_stats_size
-from nccli.layers import Layer
+from nccli.layers import POOLS, Layer
 from nccli.stats import STATES, ClassStats
 
 __all__ = ["FORMAT_VERSION", "LAYER", "ROOT", "STATS", "stats_digest"]
@@ -48,7 +50,7 @@ ROOT, LAYER, STATS = "nccli-cache", "nccli-layer", "nccli-classstats"
 #: the version nccli writes, of every element
 FORMAT_VERSION = "2"
 #: the layer attributes, in the order they are written
-LAYER_ATTRS = ("module", "depth", "role", "dim", "io")
+LAYER_ATTRS = ("module", "depth", "role", "dim", "io", "pool", "order")
 
 
 def stats_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -145,6 +147,12 @@ def _read_layer(g: Any, where: str, *, num_samples: int, num_classes: int, versi
             mode = "stream" if key == "features" else "refuse"
             declared_vs_stored(g[key], where, f"/layers/{name}/{key}", compressed=mode)
     dim = int(read_attr(g, "dim", -1))
+    pool = read_attr(g, "pool", "none")
+    if not isinstance(pool, str) or pool not in POOLS:
+        raise CacheError(
+            f"{where}: /layers/{name} has pool {pool!r}, not one of {', '.join(POOLS)}; "
+            "the cache is corrupt, re-extract it"
+        )
     if "stats" not in g and dim > 0:  # stored statistics are checked when they are read
         check_stats_size(num_classes, dim, f"{where}: layer {name!r}", CacheError)
     N = num_samples
@@ -174,6 +182,8 @@ def layer_record(g: Any) -> Layer:
         depth=int(read_attr(g, "depth", 0)),
         role=str(read_attr(g, "role", "other")),
         io=str(read_attr(g, "io", "input")),
+        pool=str(read_attr(g, "pool", "none")),
+        order=int(read_attr(g, "order", -1)),
         stored=tuple(k for k in ("features", "weight", "bias", "stats") if k in g),
     )
 
@@ -230,7 +240,11 @@ def _read_layout(f: Any, where: str, version: str) -> dict[str, Layer]:
         name: read_elem(g, LAYER, where, num_samples=N, num_classes=K, version=version)
         for name, g in f["layers"].items()
     }
-    return dict(sorted(layers.items(), key=lambda kv: (kv[1].depth, kv[0])))
+    # the forward pass's order where every layer records it, else head depth, then name
+    ordered = all(layer.order >= 0 for layer in layers.values())
+    return dict(
+        sorted(layers.items(), key=lambda kv: (kv[1].order if ordered else kv[1].depth, kv[0]))
+    )
 
 
 @register_read(IOSpec(ROOT, "1"))

@@ -1,0 +1,229 @@
+"""The memory plan of an extraction, made from the probe before any pass (``--max-memory``).
+
+Per layer of ``d`` features (after pooling), ``K`` classes, ``N`` samples, batches of
+``B`` rows (bytes):
+
+- features on disk: ``N·d·item`` (item 4 for float32, 2 for float16 storage);
+- statistics, held for the whole pass: ``8·(d² + K·d + 2K)`` (the float64 d×d scatter,
+  the class means, counts and sums of squares, :class:`~nccli.stats.ClassStats`);
+- one update's temporaries: ``8·(d² + 4·B·d + 6·K·d)`` (the batch's float64 copy and its
+  centred rows, the d×d Gram matrix of :func:`nccli.stats._gram` before it is added, the
+  class means and their deltas); one layer is updated at a time, and writing the
+  statistics makes one symmetrised d×d copy, which is smaller;
+- rows in flight to the writer thread: ``(WRITE_QUEUE + 2)·B·d·item``.
+
+The planned peak is all statistics + the largest update's temporaries + the rows in
+flight; it counts what nccli allocates, not the model or its activations.  Over the limit
+— by default half of the memory available where the statistics live (``MemAvailable`` of
+``/proc/meminfo`` on Linux, else the physical memory; the GPU's free memory when they
+accumulate on CUDA), else ``--max-memory SIZE`` (``none``: no limit) — ``extract``
+refuses in one line naming the layer, its d and the pooled alternative, before any
+allocation or file.  (Free disk space for the features is checked by the cache writer,
+:meth:`nccli.io.cache.CacheWriter._check_space`, before a row is written.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nccli.errors import DataError, UsageError
+from nccli.extract.pipeline import WRITE_QUEUE
+from nccli.extract.pooling import shape_text
+
+__all__ = [
+    "DEFAULT_FRACTION",
+    "LayerCost",
+    "Plan",
+    "check_plan",
+    "format_bytes",
+    "make_plan",
+    "memory_limit",
+    "parse_size",
+]
+
+#: the share of the available memory the plan may use unless ``--max-memory`` is given
+DEFAULT_FRACTION = 0.5
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float | None) -> float | None:
+    """``--max-memory``: bytes, or a number with ``K M G T`` (powers of 1000) or ``KiB MiB
+    GiB TiB`` (powers of 1024), a trailing ``B`` optional; ``none`` → no limit (``inf``);
+    ``None`` → the default.  A UsageError for anything else."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    elif isinstance(text, str) and text.strip().lower() in ("none", "off", "inf"):
+        return math.inf
+    else:
+        m = _SIZE.match(str(text))
+        if m is None:
+            value = -1.0
+        else:
+            unit = _UNITS[m.group(2).lower()]
+            if m.group(3):
+                unit = 1024 ** " kmgt".index(m.group(2).lower() or " ")
+            value = float(m.group(1)) * unit
+    if not value >= 1:
+        raise UsageError(
+            f"--max-memory {text!r}: give a size such as 8G, 512M, 2GiB or 1000000 (bytes), "
+            "or 'none' for no limit"
+        )
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """``34.4 GB``, ``512.0 MB``, ``12.3 kB`` (powers of 1000)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What one layer costs: ``shape`` is its module's per-sample output before pooling."""
+
+    name: str
+    shape: tuple[int, ...]
+    pool: str
+    dim: int
+    feature_bytes: int
+    stats_bytes: int
+    update_bytes: int
+    queue_bytes: int
+
+    def row(self) -> dict[str, Any]:
+        """The plan columns of ``nccli info``'s layer rows."""
+        return {
+            "shape": list(self.shape),
+            "feature_bytes": self.feature_bytes or None,
+            "stats_bytes": self.stats_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: list[LayerCost]
+    num_samples: int | None
+    num_classes: int
+
+    @property
+    def feature_bytes(self) -> int:
+        return sum(c.feature_bytes for c in self.layers)
+
+    @property
+    def stats_bytes(self) -> int:
+        return sum(c.stats_bytes for c in self.layers)
+
+    @property
+    def peak_bytes(self) -> int:
+        """All statistics, the largest update's temporaries and the rows in flight."""
+        update = max((c.update_bytes for c in self.layers), default=0)
+        return self.stats_bytes + update + sum(c.queue_bytes for c in self.layers)
+
+
+def make_plan(
+    disc: Any, num_samples: int | None, batch_size: int, feature_dtype: str = "float32"
+) -> Plan:
+    """The costs of ``disc``'s layers (a :class:`~nccli.extract.discovery.Discovery`) for
+    ``num_samples`` rows (``None``: unknown, no feature bytes)."""
+    K, B = int(disc.num_logits), int(batch_size)
+    item = 2 if feature_dtype == "float16" else 4
+    costs = []
+    for layer in disc.layers:
+        d = int(layer.dim)
+        costs.append(
+            LayerCost(
+                name=layer.name,
+                shape=tuple(disc.shapes.get(layer.name, (d,))),
+                pool=layer.pool,
+                dim=d,
+                feature_bytes=(num_samples or 0) * d * item,
+                stats_bytes=8 * (d * d + K * d + 2 * K),
+                update_bytes=8 * (d * d + 4 * B * d + 6 * K * d),
+                queue_bytes=(WRITE_QUEUE + 2) * B * d * item,
+            )
+        )
+    return Plan(costs, num_samples, K)
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
+    """Bytes available where the statistics live, and what was measured."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free), f"free on {dev}"
+    avail = _meminfo_available()
+    if avail is not None:
+        return avail, "available"
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), "of memory"
+    except (ValueError, OSError, AttributeError):
+        return 32 << 30, "assumed"
+
+
+def memory_limit(max_memory: str | int | float | None, device: Any = "cpu") -> tuple[float, str]:
+    """``(limit in bytes, how it was set)``: ``--max-memory`` as given (``inf`` for
+    ``none``), else :data:`DEFAULT_FRACTION` of :func:`available_memory`."""
+    given = parse_size(max_memory)
+    if given is not None:
+        return given, "--max-memory"
+    avail, what = available_memory(device)
+    return avail * DEFAULT_FRACTION, (
+        f"half the {format_bytes(avail)} {what}; --max-memory SIZE to change"
+    )
+
+
+def _fix(c: LayerCost) -> str:
+    if c.pool == "flatten" and len(c.shape) >= 3:
+        return f"use --pool avg ({c.shape[0]} features) or raise --max-memory"
+    return "select another layer with --layers or raise --max-memory"
+
+
+def _how(c: LayerCost) -> str:
+    if c.pool == "none" or len(c.shape) < 2:
+        return ""
+    verb = "flattened" if c.pool == "flatten" else f"{c.pool}-pooled from"
+    return f" ({verb} {shape_text(c.shape)})"
+
+
+def check_plan(plan: Plan, limit: float, how: str, source: str) -> None:
+    """A DataError (one line) when ``plan``'s peak is over ``limit`` bytes: the layer that
+    alone goes over, else all of them together."""
+    if plan.peak_bytes <= limit:
+        return
+    where = f"over the {format_bytes(limit)} limit ({how})"
+    worst = max(plan.layers, key=lambda c: c.stats_bytes + c.update_bytes + c.queue_bytes)
+    alone = worst.stats_bytes + worst.update_bytes + worst.queue_bytes
+    if alone > limit:
+        raise DataError(
+            f"{source}: layer {worst.name} gives {worst.dim} features per sample{_how(worst)}: "
+            f"its statistics need {format_bytes(alone)} at peak (a {format_bytes(8 * worst.dim**2)} "
+            f"d×d scatter and its per-batch update), {where}; {_fix(worst)}"
+        )
+    raise DataError(
+        f"{source}: the {len(plan.layers)} layers' statistics need "
+        f"{format_bytes(plan.peak_bytes)} at peak together (largest: {worst.name}, "
+        f"{worst.dim} features{_how(worst)}, {format_bytes(alone)}), {where}; select fewer "
+        "layers with --layers or raise --max-memory"
+    )
