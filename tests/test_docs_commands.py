@@ -284,6 +284,21 @@ def run_doc(doc: Path, tmp_path: Path, cli: ForkCLI) -> int:
     return len(cmds)
 
 
+def _stale(cmd: Command) -> str | None:
+    """What is missing for a command the test does not run: a ``make`` target that the
+    Makefile lacks, a script (``python path.py``) that the repository lacks."""
+    words = cmd.program
+    if words[:1] == ["make"]:
+        targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), re.M))
+        missing = [t for t in words[1:] if not t.startswith("-") and t not in targets]
+        return f"`make {missing[0]}`: no such Makefile target" if missing else None
+    if words and Path(words[0]).name.startswith("python") and len(words) > 1:
+        script = words[1]
+        if script.endswith(".py") and not (REPO / script).is_file():
+            return f"`{script}`: no such file in the repository"
+    return None
+
+
 # --------------------------------------------------------------------------- tests
 def _id(doc: Path) -> str:
     return str(doc.relative_to(REPO))
@@ -324,6 +339,7 @@ def test_doc_blocks_follow_the_convention(doc: Path) -> None:
             hidden = [c for c in commands_of(block) if "nccli" in _words(c.text)]
             if hidden:
                 problems.append(f"{where}: a skipped block holds `{hidden[0].text}`")
+            problems += [f"{c.where()}: {why}" for c in commands_of(block) if (why := _stale(c))]
         elif not runnable and block.lang not in ("python", "text"):
             for line in block.body:
                 if line.strip().startswith("nccli "):
