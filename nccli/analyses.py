@@ -183,10 +183,17 @@ def cosine_rows(view: Any, stats: Any, opts: Any) -> list[dict[str, Any]]:
 
     Every ordered pair including the diagonal is written, so the matrix pivots back with
     ``df.pivot(index="class", columns="class2", values="value")``; a class without samples
-    (or a zero vector) gives ``nan`` in its row and column.
+    (or a zero vector) gives ``nan`` in its row and column.  Refused (one line naming the
+    limit) above :data:`~nccli.metrics.geometry.COSINE_MATRIX_MAX_CLASSES` classes.
     """
     center = getattr(opts, "center", "global")
     K = stats.num_classes
+    if K > geo.COSINE_MATRIX_MAX_CLASSES:
+        raise UsageError(
+            f"{view.source.label} {view.name}: --geometry writes K×K cosine matrices and "
+            f"{K} classes is above its limit of {geo.COSINE_MATRIX_MAX_CLASSES}; "
+            "drop --geometry (the pairwise metrics need no matrix)"
+        )
     present = stats.counts > 0
     C = geo.cosine_matrix(stats.means - stats.global_mean(center))
     C[~present, :] = np.nan

@@ -248,3 +248,96 @@ def assert_array_close(name, got, want, rel=1e-10):
     assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
     scale = float(np.max(np.abs(want))) if want.size else 0.0
     np.testing.assert_allclose(got, want, rtol=rel, atol=rel * scale, err_msg=name)
+
+
+# ---------------------------------------------------------------- direct K×K pairwise metrics
+# The implementations nccli used before its pairwise metrics were tiled (issue 15): every
+# pairwise metric from one K×K float64 matrix, and the NC4 pass from one GEMM against the
+# whole of [W; μ].  Slow and memory-hungry on purpose; tests/test_large_k.py checks the tiled
+# engine against them.
+
+
+def direct_cosines(V):
+    """``G / (||v_k|| ||v_l||)`` with ``G = V Vᵀ`` (K×K)."""
+    V = np.asarray(V, dtype=np.float64)
+    norms = np.linalg.norm(V, axis=1)
+    return (V @ V.T) / np.outer(norms, norms)
+
+
+def _offdiag(C):
+    return C[~np.eye(C.shape[0], dtype=bool)]
+
+
+def direct_equiangular(V):
+    return float(np.std(_offdiag(direct_cosines(V))))
+
+
+def direct_maxangle(V):
+    K = np.asarray(V).shape[0]
+    return float(np.mean(np.abs(_offdiag(direct_cosines(V)) + 1.0 / (K - 1))))
+
+
+def direct_etf_dist(V):
+    V = np.asarray(V, dtype=np.float64)
+    G = V @ V.T
+    E = etf_gram(V.shape[0])
+    return float(np.linalg.norm(G / np.linalg.norm(G) - E / np.linalg.norm(E)))
+
+
+def closed_form_etf_dist(V):
+    """``sqrt(2 - 2 tr(GE)/(||G||_F ||E||_F))`` with ``tr(GE) = (K/(K-1))(tr G - ||V1||²/K)``
+    and ``||G||_F = ||VᵀV||_F``: exact algebra, cancels near collapse (a cross-check only)."""
+    V = np.asarray(V, dtype=np.float64)
+    K = V.shape[0]
+    A = V.T @ V
+    g = math.sqrt(float(np.sum(A * A)))
+    s = V.sum(axis=0)
+    tr_ge = K / (K - 1) * (float(np.sum(V * V)) - float(s @ s) / K)
+    return math.sqrt(max(0.0, 2.0 - 2.0 * tr_ge / (g * K / math.sqrt(K - 1))))
+
+
+def direct_of_maxcos(V):
+    C = np.abs(np.clip(direct_cosines(V), -1.0, 1.0))
+    np.fill_diagonal(C, 0.0)
+    return float(C.max())
+
+
+def direct_minority_collapse(W, counts):
+    counts = np.asarray(counts, dtype=np.float64)
+    idx = np.flatnonzero(counts < np.median(counts))
+    C = direct_cosines(np.asarray(W, dtype=np.float64)[idx])
+    k, l = np.triu_indices(idx.size, 1)
+    return float(np.mean(C[k, l]))
+
+
+def direct_cdnv(means, var):
+    """``mean_{k<l} (σ_k²+σ_l²)/(2||μ_k-μ_l||²)`` from the K×K matrix of differences."""
+    means = np.asarray(means, dtype=np.float64)
+    k, l = np.triu_indices(means.shape[0], 1)
+    diff = means[k] - means[l]
+    d2 = np.sum(diff * diff, axis=1)
+    return float(np.mean((var[k] + var[l]) / (2.0 * d2)))
+
+
+def direct_nc4(H, y, means, counts, W, b=None):
+    """``nc4``, ``acc``, ``ncc_acc`` with one GEMM against the whole ``[W; μ]`` (as before
+    the class tiles): distances from the sample-weighted global mean, ties to the first index."""
+    W = np.asarray(W, dtype=np.float64)
+    K = W.shape[0]
+    b = np.zeros(K) if b is None else np.asarray(b, dtype=np.float64)
+    counts = np.asarray(counts)
+    mu_g = (counts.astype(np.float64) @ means) / counts.sum()
+    mu = means - mu_g
+    mu_sq = np.sum(mu * mu, axis=1)
+    mu_sq[counts == 0] = np.inf
+    hc = np.asarray(H, dtype=np.float64) - mu_g
+    prod = hc @ np.concatenate([W, mu], axis=0).T
+    pred = np.argmax(prod[:, :K] + (b + W @ mu_g), axis=1)
+    ncc = np.argmin(mu_sq - 2.0 * prod[:, K:], axis=1)
+    y = np.asarray(y)
+    n = len(y)
+    return {
+        "nc4": float(np.sum(pred != ncc)) / n,
+        "acc": float(np.sum(pred == y)) / n,
+        "ncc_acc": float(np.sum(ncc == y)) / n,
+    }

@@ -116,6 +116,7 @@ NC2_MEANS = [
 ]
 PAIRWISE = [
     "nc1",
+    "nc1_rank",
     "nc1_trace",
     "cdnv",
     "nc2_equiangular_means",

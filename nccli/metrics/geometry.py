@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from nccli.metrics.nc import Undefined, _present
+from nccli.metrics.nc import Undefined, Vectors, _present
+from nccli.metrics.pairwise import pair_summary
 from nccli.stats import ClassStats
 
 __all__ = [
+    "COSINE_MATRIX_MAX_CLASSES",
     "cosine_matrix",
     "minority_classes",
     "minority_collapse",
@@ -38,9 +40,21 @@ __all__ = [
 
 
 # ------------------------------------------------------------------ cosines
+#: ``--geometry`` writes K×K cosine matrices: refused above this many classes
+COSINE_MATRIX_MAX_CLASSES = 1000
+
+
 def cosine_matrix(V: np.ndarray) -> np.ndarray:
-    """``cos(v_k, v_l)`` for the rows of ``V`` (K, d); rows and columns of zero vectors are nan."""
+    """``cos(v_k, v_l)`` for the rows of ``V`` (K, d); rows and columns of zero vectors are nan.
+
+    K×K by definition (``--geometry``): refused (:class:`ValueError`) above
+    :data:`COSINE_MATRIX_MAX_CLASSES` rows; the pairwise metrics use tiles instead."""
     V = np.asarray(V, dtype=np.float64)
+    if V.shape[0] > COSINE_MATRIX_MAX_CLASSES:
+        raise ValueError(
+            f"a cosine matrix of {V.shape[0]} vectors is above the limit of "
+            f"{COSINE_MATRIX_MAX_CLASSES}"
+        )
     norms = np.linalg.norm(V, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         U = V / norms[:, None]
@@ -49,28 +63,32 @@ def cosine_matrix(V: np.ndarray) -> np.ndarray:
     return np.clip(C, -1.0, 1.0)
 
 
-def of_maxcos(V: np.ndarray, what: str = "vector") -> float:
-    """``max_{k≠l} |cos(v_k, v_l)|`` over the rows of ``V``: 0 for an orthogonal frame."""
-    V = np.asarray(V, dtype=np.float64)
-    if V.shape[0] < 2:
+def of_maxcos(V: np.ndarray | Vectors, what: str = "vector", *, tile: int | None = None) -> float:
+    """``max_{k≠l} |cos(v_k, v_l)|`` over the rows of ``V``: 0 for an orthogonal frame.
+
+    One tiled pass over the pairs (:class:`~nccli.metrics.nc.Vectors`, shared with the NC2
+    metrics of the same vectors); cosines are clipped to [-1, 1] as in :func:`cosine_matrix`."""
+    vec = V if isinstance(V, Vectors) else Vectors(V, what, tile=tile)
+    if vec.K < 2:
         raise Undefined("fewer than two vectors")
-    norms = np.linalg.norm(V, axis=1)
-    if np.any(norms <= 0):
+    if np.any(vec.norms <= 0):
         raise Undefined(f"a {what} has zero norm")
-    C = np.abs(cosine_matrix(V))
-    np.fill_diagonal(C, 0.0)
-    return float(C.max())
+    return min(1.0, vec.summary.max_abs)
 
 
-def of_maxcos_means(stats: ClassStats) -> float:
+def of_maxcos_means(stats: ClassStats, *, tile: int | None = None) -> float:
     """``of_maxcos`` of the uncentred class means ``U = [μ_1 … μ_K]`` (every class present)."""
     present = _present(stats)
-    return of_maxcos(stats.means[present], "class mean")
+    vec = stats.memo(
+        ("uncentred_vectors", tile),
+        lambda: Vectors(stats.means[present], "class mean", tile=tile, etf=False),
+    )
+    return of_maxcos(vec, "class mean")
 
 
-def of_maxcos_classifier(weight: np.ndarray) -> float:
+def of_maxcos_classifier(weight: np.ndarray | Vectors, *, tile: int | None = None) -> float:
     """``of_maxcos`` of the classifier rows ``w_k``."""
-    return of_maxcos(weight, "classifier row")
+    return of_maxcos(weight, "classifier row", tile=tile)
 
 
 # ------------------------------------------------------------ minority collapse
@@ -87,7 +105,7 @@ def minority_classes(counts: np.ndarray) -> np.ndarray:
     return np.flatnonzero(counts < np.median(counts))
 
 
-def minority_collapse(weight: np.ndarray, counts: np.ndarray) -> float:
+def minority_collapse(weight: np.ndarray, counts: np.ndarray, *, tile: int | None = None) -> float:
     """Mean ``cos(w_k, w_l)`` over pairs ``k < l`` of minority classes (:func:`minority_classes`).
 
     Close to 1 when the minority classifier rows have collapsed onto one direction
@@ -98,11 +116,12 @@ def minority_collapse(weight: np.ndarray, counts: np.ndarray) -> float:
     if idx.size < 2:
         raise Undefined("fewer than two minority classes (classes with n_k below the median count)")
     rows = W[idx]
-    if np.any(np.linalg.norm(rows, axis=1) <= 0):
+    norms = np.linalg.norm(rows, axis=1)
+    if np.any(norms <= 0):
         raise Undefined("a minority classifier row has zero norm")
-    C = cosine_matrix(rows)
-    k, l = np.triu_indices(idx.size, 1)
-    return float(np.mean(C[k, l]))
+    summary = pair_summary(rows, norms, etf=False, tile=tile)
+    assert summary.cos is not None
+    return summary.cos.mean
 
 
 # ------------------------------------------------- closed-form lengths (MSE, no bias)

@@ -8,6 +8,7 @@ Functions raise :class:`Undefined` with a reason when a metric has no value for 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from nccli.errors import DataError
+from nccli.metrics import pairwise as pw
 from nccli.stats import ClassStats, as_tensor, check_batch
 
 
@@ -49,11 +51,20 @@ def centred_means(stats: ClassStats, center: str = "global") -> np.ndarray:
 
 def means_svd(stats: ClassStats, center: str = "global") -> tuple[np.ndarray, np.ndarray]:
     """Thin SVD of the d×K centred means, ``M = Q S Vᵀ``: ``(Q, s)``, computed once per state
-    and shared by ``nc1`` and ``cond_l``."""
+    and shared by ``nc1`` and ``cond_l``.
+
+    With more classes than dimensions (K > d) the K×d means are first reduced to their d×d
+    triangular factor ``R`` (Householder QR, backward stable like the SVD itself):
+    ``Mᵀ = Rᵀ Q_rᵀ`` has the singular values and left vectors of ``Rᵀ``, so nothing K×K and
+    no K-wide right singular vectors are formed."""
     M = centred_means(stats, center)
 
     def compute() -> tuple[np.ndarray, np.ndarray]:
-        Q, s, _ = np.linalg.svd(M.T, full_matrices=False)
+        if M.shape[0] > M.shape[1]:
+            R = np.linalg.qr(M, mode="r")
+            Q, s, _ = np.linalg.svd(R.T)
+        else:
+            Q, s, _ = np.linalg.svd(M.T, full_matrices=False)
         return Q, s
 
     return stats.memo(("means_svd", center), compute)
@@ -103,8 +114,9 @@ def _householder(stats: ClassStats, center: str) -> np.ndarray:
 
 
 def centred_gram(stats: ClassStats, center: str = "global") -> np.ndarray:
-    """``M Mᵀ`` (K×K) of the centred means, computed once: shared by NC2 (``etf_dist``,
-    cosines), ``cdnv`` (distances between means) and the Gram route of ``nc1``."""
+    """``M Mᵀ`` (K×K) of the centred means, computed once, for the Gram route of ``nc1`` and
+    ``cond_l``: used only when K-1 ≤ d, where it is no larger than the d×d scatter (the
+    pairwise metrics stream tiles instead, :mod:`nccli.metrics.pairwise`)."""
     M = centred_means(stats, center)
 
     def compute() -> np.ndarray:
@@ -160,19 +172,41 @@ def nc1(
 
     With the thin SVD ``M = Q S Vᵀ`` of the d×K centred means (singular values below
     ``rtol·s_max`` dropped), ``Σ_B⁺ = K Q S⁻² Qᵀ`` and so
-    ``nc1 = Tr(S⁻² Qᵀ Σ_W Q)``: a d×r product, never a d×d inverse.
+    ``nc1 = Tr(S⁻² Qᵀ Σ_W Q)``: a d×r product, never a d×d inverse.  The number of
+    singular values kept is :func:`nc1_rank` (≤ min(K-1, d)).
 
     For many classes (``method="auto"`` and K ≥ :data:`GRAM_MIN_CLASSES`) the same number is
-    computed from K×K matrices when the means are well conditioned (see
-    :func:`_nc1_gram`); ``method="svd"`` or ``"gram"`` forces a route.
+    computed from (K-1)×(K-1) matrices when K-1 ≤ d and the means are well conditioned (see
+    :func:`_nc1_gram`); ``method="svd"`` or ``"gram"`` forces a route.  With K > d+1 only
+    the SVD route applies, on the d×d factor of the means (:func:`means_svd`).
     """
+    return _nc1(stats, center, rtol, method)[0]
+
+
+def nc1_rank(stats: ClassStats, center: str = "global", rtol: float = 1e-8) -> int:
+    """The rank of ``Σ_B`` that ``nc1`` inverts on: singular values of the centred means above
+    ``rtol·s_max`` (K-1 when the Gram route applies; at most ``min(K-1, d)``); 0 when all
+    class means coincide."""
+    try:
+        return _nc1(stats, center, rtol, "auto")[1]
+    except Undefined:
+        if not np.any(centred_means(stats, center)):  # Σ_B = 0 (missing classes re-raise)
+            return 0
+        raise
+
+
+def _nc1(stats: ClassStats, center: str, rtol: float, method: str) -> tuple[float, int]:
     if method not in ("auto", "svd", "gram"):
         raise ValueError(f"unknown nc1 method {method!r}")
     centred_means(stats, center)  # raises Undefined for missing classes first
-    if method == "gram" or (method == "auto" and stats.num_classes >= GRAM_MIN_CLASSES):
+    key = ("nc1", center, rtol, method)
+    if key in stats._memo:
+        return stats._memo[key]
+    K = stats.num_classes
+    if method == "gram" or (method == "auto" and K >= GRAM_MIN_CLASSES):
         value = _nc1_gram(stats, center, rtol)
         if value is not None:
-            return value
+            return stats.memo(key, lambda: (value, K - 1))
         if method == "gram":
             raise Undefined("the class means are too ill-conditioned for the Gram route")
     Q, s = means_svd(stats, center)
@@ -183,15 +217,16 @@ def nc1(
     sigma_w = stats.scatter / stats.n
     # Tr(Σ_W Σ_B⁺) = K Σ_j (q_jᵀ Σ_W q_j) / s_j²; nc1 divides it by K
     quad = np.sum((sigma_w @ Q) * Q, axis=0)
-    return float(np.sum(quad / s**2))
+    return stats.memo(key, lambda: (float(np.sum(quad / s**2)), int(keep.sum())))
 
 
 def means_singular_values(stats: ClassStats, center: str = "global") -> np.ndarray:
     """Singular values of the centred means, descending: from the SVD when it was computed,
-    else (many classes) from the eigenvalues of the reduced K-1 Gram, padded with the
-    centring null direction's 0."""
+    else (many classes, K-1 ≤ d) from the eigenvalues of the reduced K-1 Gram, padded with
+    the centring null direction's 0."""
     key = ("means_svd", center)
-    if key in stats._memo or stats.num_classes < GRAM_MIN_CLASSES:
+    K = stats.num_classes
+    if key in stats._memo or K < GRAM_MIN_CLASSES or K - 1 > stats.dim:
         return means_svd(stats, center)[1]
 
     def compute() -> np.ndarray:
@@ -212,78 +247,97 @@ def nc1_trace(stats: ClassStats, center: str = "global") -> float:
     return float(np.trace(stats.scatter) / stats.n / tr_b)
 
 
-def cdnv(stats: ClassStats) -> float:
-    """``mean_{k<l} (σ_k² + σ_l²) / (2 ||μ_k - μ_l||²)`` (Galanti et al. 2022)."""
-    present = _present(stats)
-    # distances are shift-invariant: take them from the centred means and their shared Gram
-    mu = centred_means(stats, "global")
-    gram = centred_gram(stats, "global")
-    var = stats.class_ss[present] / stats.counts[present]
-    sq = np.diag(gram).copy()
-    dist2 = sq[:, None] + sq[None, :] - 2.0 * gram
-    # the Gram form can lose digits when means are close: recompute those pairs directly
-    k, l = np.triu_indices(mu.shape[0], 1)
-    d2 = dist2[k, l]
-    close = d2 < 1e-6 * (sq[k] + sq[l] + 1e-300)
-    if close.any():
-        diff = mu[k[close]] - mu[l[close]]
-        d2 = d2.copy()
-        d2[close] = np.sum(diff * diff, axis=1)
-    if np.any(d2 <= 0):
+def cdnv(stats: ClassStats, *, tile: int | None = None) -> float:
+    """``mean_{k<l} (σ_k² + σ_l²) / (2 ||μ_k - μ_l||²)`` (Galanti et al. 2022).
+
+    A tiled pass over the centred means (:func:`~nccli.metrics.pairwise.pair_summary`; the
+    distances are shift-invariant); with the default centring it is the same pass as the
+    NC2 metrics of the means (:func:`mean_vectors`)."""
+    if tile is None:
+        summary = mean_vectors(stats, "global").summary
+    else:
+        summary = _cdnv_summary(stats, "global", tile)
+    assert summary.cdnv_sum is not None
+    if summary.cdnv_zero:
         raise Undefined("two class means coincide (zero distance)")
-    return float(np.mean((var[k] + var[l]) / (2.0 * d2)))
+    return float(summary.cdnv_sum / summary.pairs)
+
+
+def _cdnv_summary(stats: ClassStats, center: str, tile: int | None) -> pw.PairSummary:
+    present = _present(stats)
+    var = stats.class_ss[present] / stats.counts[present]
+    return pw.pair_summary(centred_means(stats, center), var=var, tile=tile)
 
 
 class Vectors:
-    """K vectors (rows) with their norms, Gram and cosine matrices computed once.
+    """K vectors (rows) with their norms and one tiled pass over their pairs
+    (:func:`~nccli.metrics.pairwise.pair_summary`), computed once and read by every
+    pairwise metric of the set; no K×K matrix is formed.
 
     The NC2 functions accept either a plain (K, d) array or a ``Vectors``; ``compute_metrics``
-    passes one per vector set so four metrics share one K×K×d product.
+    passes one per vector set so the metrics share one pass.  ``var``: per-vector variances
+    that add the cdnv sum to the pass (the centred class means); ``tile``: classes per tile;
+    ``etf=False`` skips the ETF-distance sum (and its ``||G||_F``).
     """
 
-    def __init__(self, V: np.ndarray, what: str = "vector", gram: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        V: np.ndarray,
+        what: str = "vector",
+        *,
+        var: np.ndarray | None = None,
+        tile: int | None = None,
+        etf: bool = True,
+    ) -> None:
         self.V = np.asarray(V, dtype=np.float64)
         self.what = what
-        self._gram = gram  # V Vᵀ when the caller already has it
+        self.var = var
+        self.tile = tile
+        self.etf = etf
+        self._norms: np.ndarray | None = None
+        self._summary: pw.PairSummary | None = None
 
     @property
     def K(self) -> int:
         return self.V.shape[0]
 
     @property
-    def gram(self) -> np.ndarray:
-        if self._gram is None:
-            self._gram = self.V @ self.V.T
-        return self._gram
-
-    @property
     def norms(self) -> np.ndarray:
-        return np.linalg.norm(self.V, axis=1)
+        if self._norms is None:
+            self._norms = np.linalg.norm(self.V, axis=1)
+        return self._norms
 
     @property
-    def cosines(self) -> np.ndarray:
-        norms = self.norms
-        if np.any(norms <= 0):
+    def summary(self) -> pw.PairSummary:
+        if self._summary is None:
+            self._summary = pw.pair_summary(
+                self.V, self.norms, etf=self.etf, var=self.var, tile=self.tile
+            )
+        return self._summary
+
+    def cosine_summary(self) -> pw.PairSummary:
+        """The pass, after checking that every vector has a cosine (non-zero norm)."""
+        if self.K < 2:
+            raise Undefined("fewer than two vectors")
+        if np.any(self.norms <= 0):
             raise Undefined(f"a {self.what} vector has zero norm")
-        return self.gram / np.outer(norms, norms)
+        return self.summary
 
 
-def _vectors(V: np.ndarray | Vectors, what: str) -> Vectors:
-    return V if isinstance(V, Vectors) else Vectors(V, what)
+def mean_vectors(stats: ClassStats, center: str = "global") -> Vectors:
+    """The centred class means as :class:`Vectors`, once per state; with the class
+    variances, so their pass also gives ``cdnv``."""
+    present = _present(stats)
+
+    def compute() -> Vectors:
+        var = stats.class_ss[present] / stats.counts[present]
+        return Vectors(centred_means(stats, center), "centred class mean", var=var)
+
+    return stats.memo(("vectors", center), compute)
 
 
-def _cosines(V: np.ndarray | Vectors, what: str) -> np.ndarray:
-    return _vectors(V, what).cosines
-
-
-def _offdiag(G: np.ndarray) -> np.ndarray:
-    K = G.shape[0]
-    return G[~np.eye(K, dtype=bool)]
-
-
-def simplex_etf_gram(K: int) -> np.ndarray:
-    """``E = (K/(K-1)) (I - 11ᵀ/K)``: unit norms, cosines ``-1/(K-1)``."""
-    return K / (K - 1) * (np.eye(K) - np.ones((K, K)) / K)
+def _vectors(V: np.ndarray | Vectors, what: str, tile: int | None = None) -> Vectors:
+    return V if isinstance(V, Vectors) else Vectors(V, what, tile=tile)
 
 
 def equinorm(V: np.ndarray | Vectors, what: str = "vector") -> float:
@@ -294,35 +348,35 @@ def equinorm(V: np.ndarray | Vectors, what: str = "vector") -> float:
     return float(norms.std() / norms.mean())
 
 
-def equiangular(V: np.ndarray | Vectors, what: str = "vector") -> float:
-    """``std_{k≠l} cos(v_k, v_l)`` over ordered pairs (population std)."""
-    V = _vectors(V, what)
+def equiangular(V: np.ndarray | Vectors, what: str = "vector", *, tile: int | None = None) -> float:
+    """``std_{k≠l} cos(v_k, v_l)`` (population std; the ordered pairs ``k≠l`` hold each
+    unordered pair twice, so it is the std over ``k < l``)."""
+    summary = _vectors(V, what, tile).cosine_summary()
+    assert summary.cos is not None
+    return summary.cos.std
+
+
+def maxangle(V: np.ndarray | Vectors, what: str = "vector", *, tile: int | None = None) -> float:
+    """``mean_{k≠l} |cos(v_k, v_l) + 1/(K-1)|``."""
+    summary = _vectors(V, what, tile).cosine_summary()
+    return float(summary.dev_sum / summary.pairs)
+
+
+def etf_dist(V: np.ndarray | Vectors, what: str = "vector", *, tile: int | None = None) -> float:
+    """``|| G/||G||_F - E/||E||_F ||_F`` with ``G = V Vᵀ`` the Gram matrix of the rows, summed
+    tile by tile (``||G||_F`` from the d×d ``VᵀV``; ``||E||_F = K/√(K-1)``)."""
+    V = _vectors(V, what, tile)
     if V.K < 2:
         raise Undefined("fewer than two vectors")
-    return float(np.std(_offdiag(_cosines(V, what))))
-
-
-def maxangle(V: np.ndarray | Vectors, what: str = "vector") -> float:
-    """``mean_{k≠l} |cos(v_k, v_l) + 1/(K-1)|``."""
-    V = _vectors(V, what)
-    K = V.K
-    if K < 2:
-        raise Undefined("fewer than two vectors")
-    return float(np.mean(np.abs(_offdiag(_cosines(V, what)) + 1.0 / (K - 1))))
-
-
-def etf_dist(V: np.ndarray | Vectors, what: str = "vector") -> float:
-    """``|| G/||G||_F - E/||E||_F ||_F`` with ``G = V Vᵀ`` the Gram matrix of the rows."""
-    V = _vectors(V, what)
-    K = V.K
-    if K < 2:
-        raise Undefined("fewer than two vectors")
-    G = V.gram
-    g = np.linalg.norm(G)
-    if g <= 0:
+    summary = V.summary
+    if summary.etf_sq is None:
         raise Undefined(f"every {what} has zero norm")
-    E = simplex_etf_gram(K)
-    return float(np.linalg.norm(G / g - E / np.linalg.norm(E)))
+    return math.sqrt(max(summary.etf_sq, 0.0))
+
+
+def simplex_etf_gram(K: int) -> np.ndarray:
+    """``E = (K/(K-1)) (I - 11ᵀ/K)``: unit norms, cosines ``-1/(K-1)`` (K×K: small K only)."""
+    return K / (K - 1) * (np.eye(K) - np.ones((K, K)) / K)
 
 
 def nc3(weight: np.ndarray, M: np.ndarray) -> float:
@@ -369,6 +423,51 @@ def check_classifier(
     return W, b
 
 
+#: float64 (rows × class-tile) temporaries of one step of the NC4 pass: the product against
+#: ``[W; μ]`` (two of them), the logits and the distances
+_NC4_TEMPS = 4
+#: the NC4 pass never uses class tiles narrower than this (rows are split instead)
+_NC4_MIN_TILE = 256
+
+
+def _nc4_blocks(both: np.ndarray, b: np.ndarray, mu_sq: np.ndarray, t: int) -> list[tuple]:
+    """``[W; μ]`` cut into class tiles: ``(k0, d × 2t block, bias, ||μ||²)`` per tile."""
+    K = b.size
+    out = []
+    for k0 in range(0, K, t):
+        k1 = min(K, k0 + t)
+        block = np.ascontiguousarray(np.concatenate([both[:, k0:k1], both[:, K + k0 : K + k1]], 1))
+        out.append((k0, block, b[k0:k1], mu_sq[k0:k1]))
+    return out
+
+
+def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) -> tuple[Any, Any]:
+    """Fold one tile into a running argmax (``largest``) or argmin with ties to the first
+    index, as ``argmax``/``argmin`` over the whole row resolve them: a later tile wins only
+    when strictly better."""
+    if xp is np:
+        j = np.argmax(vals, axis=1) if largest else np.argmin(vals, axis=1)
+        v = np.take_along_axis(vals, j[:, None], axis=1)[:, 0]
+    else:
+        j = torch.argmax(vals, dim=1) if largest else torch.argmin(vals, dim=1)
+        v = torch.gather(vals, 1, j[:, None])[:, 0]
+    if best is None:
+        return v, j + k0
+    better = v > best if largest else v < best
+    return xp.where(better, v, best), xp.where(better, j + k0, idx)
+
+
+def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any) -> tuple[Any, Any]:
+    """Classifier decision and nearest mean of the centred rows ``hc``, tile by tile."""
+    pred_v = pred = ncc_v = ncc = None
+    for k0, block, b, mu_sq in blocks:
+        prod = hc @ block
+        t = b.shape[0]
+        pred_v, pred = _running(pred_v, pred, prod[:, :t] + b, k0, xp, largest=True)
+        ncc_v, ncc = _running(ncc_v, ncc, mu_sq - 2.0 * prod[:, t:], k0, xp, largest=False)
+    return pred, ncc
+
+
 def nc4_pass(
     batches: Iterable[tuple[Any, Any]],
     stats: ClassStats,
@@ -376,14 +475,18 @@ def nc4_pass(
     bias: Any | None = None,
     *,
     device: str | torch.device | None = None,
+    budget: int = pw.TILE_BYTES,
 ) -> dict[str, float]:
     """Second chunked pass: ``nc4``, ``acc`` and ``ncc_acc``.
 
     ``nc4`` is the fraction of samples whose classifier decision ``argmax_k(w_k·h + b_k)``
-    differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk costs one
-    GEMM against ``[W; μ]``; distances use ``-2hᵀμ_k + ||μ_k||²`` (``||h||²`` is the same
-    for every k).  Classes without samples are never the nearest mean.  Computed in
-    float64 so that ties are not created by rounding.
+    differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk of rows is
+    multiplied by ``[W; μ]`` one tile of classes at a time, with a running argmax/argmin
+    (ties to the first index, as over the whole row); the rows × tile temporaries stay
+    within ``budget`` bytes (the rows of a chunk are split when a tile of
+    :data:`_NC4_MIN_TILE` classes would not fit).  Distances use ``-2hᵀμ_k + ||μ_k||²``
+    (``||h||²`` is the same for every k).  Classes without samples are never the nearest
+    mean.  Computed in float64 so that ties are not created by rounding.
     """
     dev = torch.device(device or "cpu")
     Wn, bn = check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
@@ -395,35 +498,42 @@ def nc4_pass(
     mu = stats.means - mu_g
     mu_sq = np.sum(mu * mu, axis=1)
     mu_sq[stats.counts == 0] = np.inf
-    both = np.ascontiguousarray(np.concatenate([Wn, mu], axis=0).T)  # d × 2K: one GEMM/chunk
+    both = np.concatenate([Wn, mu], axis=0).T  # d × 2K
     # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
     b = b + Wn @ mu_g
     on_cpu = dev.type == "cpu"
-    if not on_cpu:
-        both_t, b_t, mu_sq_t, mu_g_t = (
-            torch.as_tensor(a, device=dev) for a in (both, b, mu_sq, mu_g)
-        )
+    xp = np if on_cpu else torch
+    blocks: list[tuple] | None = None
+    rows = 1
     n = mismatch = correct = ncc_correct = 0
     for h, y in batches:
         h, y = as_tensor(h, dev), as_tensor(y, dev)
         h, y = check_batch(h, y, K, stats.dim, stats.source)
+        if blocks is None:  # tiles from the first (largest) chunk and the budget
+            per_row = 8 * _NC4_TEMPS * max(1, h.shape[0])
+            t = min(K, max(_NC4_MIN_TILE, budget // per_row))
+            rows = max(1, budget // (8 * _NC4_TEMPS * t))
+            blocks = _nc4_blocks(both, b, mu_sq, t)
+            if not on_cpu:
+                blocks = [(k0, *(torch.as_tensor(a, device=dev) for a in r)) for k0, *r in blocks]
+                mu_g_t = torch.as_tensor(mu_g, device=dev)
         if on_cpu:  # numpy: its GEMM and argmax measured faster than torch's on the CPU
             hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
             hc = hn.astype(np.float64)  # always a copy: centred in place
             hc -= mu_g
-            prod = hc @ both
-            pred = np.argmax(prod[:, :K] + b, axis=1)
-            ncc = np.argmin(mu_sq - 2.0 * prod[:, K:], axis=1)
             yn = y.numpy()
         else:
-            prod = (h.to(torch.float64) - mu_g_t) @ both_t
-            pred = torch.argmax(prod[:, :K] + b_t, dim=1).cpu().numpy()
-            ncc = torch.argmin(mu_sq_t - 2.0 * prod[:, K:], dim=1).cpu().numpy()
+            hc = h.to(torch.float64) - mu_g_t
             yn = y.cpu().numpy()
+        for s in range(0, hc.shape[0], rows):
+            pred, ncc = _nc4_rows(hc[s : s + rows], blocks, xp)
+            if not on_cpu:
+                pred, ncc = pred.cpu().numpy(), ncc.cpu().numpy()
+            ys = yn[s : s + rows]
+            mismatch += int(np.sum(pred != ncc))
+            correct += int(np.sum(pred == ys))
+            ncc_correct += int(np.sum(ncc == ys))
         n += len(yn)
-        mismatch += int(np.sum(pred != ncc))
-        correct += int(np.sum(pred == yn))
-        ncc_correct += int(np.sum(ncc == yn))
     if n == 0:
         raise Undefined("no samples")
     return {"nc4": mismatch / n, "acc": correct / n, "ncc_acc": ncc_correct / n}

@@ -23,8 +23,8 @@ Kernels that share an expensive computation go through one compute group, memois
 the context (:meth:`LayerContext.shared`): :func:`feature_pass` (``nc4``, ``acc``,
 ``ncc_acc``: one chunked pass, :func:`~nccli.metrics.nc.nc4_pass`), :func:`mse_terms`
 (``mse_*``: one :func:`~nccli.metrics.mse.mse_decomposition`), :func:`classifier_rows`
-(one Gram of ``W`` for the four ``nc2_*_classifier``) and :func:`mean_vectors` (the
-centred means' Gram, shared through the statistics' memo with ``nc1`` and ``cdnv``).
+(one tiled pair pass over ``W`` for the four ``nc2_*_classifier`` and ``of_maxcos_classifier``)
+and :func:`mean_vectors` (the centred means' pair pass, shared with ``cdnv``).
 
 Adding a metric: write its pure function in the family module (``nc.py``,
 ``geometry.py``, ``deep_linear.py``, ``mse.py``), declare it with one
@@ -221,21 +221,13 @@ def mse_terms(ctx: LayerContext) -> mse_mod.MSEDecomposition:
 
 
 def mean_vectors(ctx: LayerContext) -> nc.Vectors:
-    """The centred class means with their Gram (the statistics' ``centred_gram``)."""
-    st, center = ctx.stats, ctx.center
-    return ctx.shared(
-        "mean_vectors",
-        lambda: st.memo(
-            ("vectors", center),
-            lambda: nc.Vectors(
-                nc.centred_means(st, center), "centred class mean", nc.centred_gram(st, center)
-            ),
-        ),
-    )
+    """The centred class means with their one tiled pair pass (shared with ``cdnv``)."""
+    return ctx.shared("mean_vectors", lambda: nc.mean_vectors(ctx.stats, ctx.center))
 
 
 def classifier_rows(ctx: LayerContext) -> nc.Vectors:
-    """The classifier rows ``w_k``: one Gram matrix for the four classifier NC2 metrics."""
+    """The classifier rows ``w_k``: one tiled pair pass for the classifier NC2 metrics and
+    ``of_maxcos_classifier``."""
     return ctx.shared("classifier_rows", lambda: nc.Vectors(_W(ctx), "classifier row"))
 
 
@@ -303,6 +295,15 @@ def _minority_shown(ctx: LayerContext) -> bool:
     return bool(c.min() > 0 and c.max() / c.min() >= MINORITY_IMBALANCE) or bool(c.min() == 0)
 
 
+def _rank_deficient(ctx: LayerContext) -> bool:
+    """``nc1_rank`` by default: when ``Σ_B⁺`` keeps fewer than K-1 directions (K > d+1, or
+    means on a lower-dimensional subspace)."""
+    try:
+        return nc.nc1_rank(ctx.stats, ctx.center, ctx.rtol) < ctx.stats.num_classes - 1
+    except Undefined:
+        return False
+
+
 def _mse_loss_given(ctx: LayerContext) -> bool:
     """``mse_*`` by default: layers with a classifier when ``--loss mse`` is given."""
     return ctx.has_classifier and ctx.loss == "mse"
@@ -318,6 +319,9 @@ _d(M("classes", "classes", "K: classes with at least max(1, --min-class-count) s
      lambda c: float(c.stats.num_classes), count=True))
 # NC1: within-class variability
 _d(M("nc1", "nc1", "(1/K) Tr(Σ_W Σ_B⁺)", lambda c: nc.nc1(c.stats, c.center, c.rtol)))
+_d(M("nc1_rank", "nc1", "rank of Σ_B used by nc1: singular values of M above rtol·s_1",
+     lambda c: float(nc.nc1_rank(c.stats, c.center, c.rtol)), count=True,
+     shown_by_default=_rank_deficient))
 _d(M("nc1_trace", "nc1", "Tr(Σ_W) / Tr(Σ_B)", lambda c: nc.nc1_trace(c.stats, c.center)))
 _d(M("cdnv", "nc1", "mean_{k<l} (σ_k²+σ_l²) / (2||μ_k-μ_l||²)", lambda c: nc.cdnv(c.stats)))
 # held-out splits: the same about the training class means (nccli.heldout)
@@ -360,7 +364,7 @@ _d(M("ncc_acc", "nc4", "P[argmin_k ||h-μ_k|| = y]",
 _d(M("of_maxcos_means", "geometry", "max_{k≠l} |cos(μ_k, μ_l)| (uncentred means)",
      lambda c: geo.of_maxcos_means(c.stats)))
 _d(M("of_maxcos_classifier", "geometry", "max_{k≠l} |cos(w_k, w_l)|",
-     lambda c: geo.of_maxcos_classifier(c.weight), needs=(CLASSIFIER,)))
+     lambda c: geo.of_maxcos_classifier(classifier_rows(c)), needs=(CLASSIFIER,)))
 _d(M("minority_collapse", "geometry", "mean_{k<l minority} cos(w_k, w_l)",
      lambda c: geo.minority_collapse(c.weight, c.stats.counts), needs=(CLASSIFIER,),
      shown_by_default=_minority_shown))

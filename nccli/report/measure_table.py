@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nccli.metrics import METRICS
+from nccli.metrics.geometry import COSINE_MATRIX_MAX_CLASSES
 from nccli.report.data import fmt_value
 
 
@@ -105,6 +106,12 @@ def render_cosine_heatmaps(df: pd.DataFrame, console: Console) -> None:
     keys = [c for c in ("source", "split", "epoch", "layer", "metric") if c in df.columns]
     for key, part in df.groupby(keys, sort=False, dropna=False):
         source, layer, metric = key[0], key[-2], key[-1]
+        if part["class"].nunique() > COSINE_MATRIX_MAX_CLASSES:  # rows from elsewhere
+            console.print(
+                f"[dim]{key[0]} · {layer} · {metric}: not drawn, above the heatmap limit of "
+                f"{COSINE_MATRIX_MAX_CLASSES} classes[/dim]"
+            )
+            continue
         mat = part.pivot(index="class", columns="class2", values="value").sort_index()
         what = [
             str(source),
