@@ -236,7 +236,8 @@ ByOpt = Annotated[
     typer.Option(
         "--by",
         help="[b]run[/b]: runs side by side, aligned on epoch, with delta_<metric> rows "
-        "(run − baseline).",
+        "(run − baseline); [b]split[/b]: train beside the held-out splits of each checkpoint "
+        "(delta = split − train: the generalisation gap).",
     ),
 ]
 CompareMetricsOpt = Annotated[
