@@ -126,13 +126,13 @@ def describe_checkpoint(
         "head_depth": disc.head_depth,
         "memory_plan": line,
         "plan": plan,
-        "layers": [{**r, **c.row()} for r, c in zip(disc.rows(), layer_costs, strict=True)],
+        "layers": [{**r, **layer_costs[r["name"]].row()} for r in disc.rows()],
     }
 
 
 def _plan(
     disc: Any, n: int | None, batch_size: int, max_memory: Any, source: str
-) -> tuple[dict[str, Any], str, list[Any]]:
+) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """The plan's totals and verdict, the same as one line, and each layer's cost."""
     plan = make_plan(disc, n, batch_size)
     limit, how = memory_limit(max_memory)
@@ -156,4 +156,4 @@ def _plan(
         "limit_bytes": None if limit == float("inf") else int(limit),
         "refused": refused,
     }
-    return info, line, plan.layers
+    return info, line, {c.name: c for c in plan.layers}

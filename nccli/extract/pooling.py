@@ -13,8 +13,9 @@ in ``S``
 ==============  ==============================  ==========================================
 
 The reduction runs on the device inside the capture hook, before the NaN/Inf check and
-the cast to the storage dtype; ``avg`` sums in at least float32 (a feature map computed
-in fp16/bf16 under ``--amp`` is averaged in float32).  What was applied is the layer's
+the cast to the storage dtype; ``avg`` sums in float64 (float32 on MPS), so a feature map
+computed in float32, or in fp16/bf16 under ``--amp``, is averaged without rounding
+beyond the storage dtype's.  What was applied is the layer's
 ``pool`` (:class:`nccli.layers.Layer`), stored in the cache.
 """
 
@@ -77,11 +78,13 @@ def pooled(shape: tuple[int, ...], pool: str, where: str) -> tuple[str, int]:
 
 def pool_features(t: torch.Tensor, pool: str) -> torch.Tensor:
     """``t`` (batch first) reduced to ``(B, d)`` by ``pool`` (see :func:`pooled`), on its
-    device; ``avg`` in the wider of ``t``'s dtype and float32.  (A tensor with fewer dims
-    than ``pool`` expects is only flattened: the caller's shape check names it.)"""
+    device; ``avg`` sums in float64 (float32 on MPS, which has no float64), so the mean of
+    a float32 or fp16/bf16 (``--amp``) map is correctly rounded when it is stored.  (A
+    tensor with fewer dims than ``pool`` expects is only flattened: the caller's shape
+    check names it.)"""
     if pool == "avg" and t.ndim >= 3:
-        wide = torch.promote_types(t.dtype, torch.float32) if t.is_floating_point() else None
-        return t.flatten(2).mean(-1, dtype=wide or torch.float32)
+        wide = torch.float32 if t.device.type == "mps" else torch.float64
+        return t.flatten(2).mean(-1, dtype=wide)
     if pool == "max" and t.ndim >= 3:
         return t.flatten(2).amax(-1)
     return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
