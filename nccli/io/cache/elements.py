@@ -183,9 +183,15 @@ def layer_record(g: Any) -> Layer:
         role=str(read_attr(g, "role", "other")),
         io=str(read_attr(g, "io", "input")),
         pool=str(read_attr(g, "pool", "none")),
-        order=int(read_attr(g, "order", -1)),
+        order=_order(read_attr(g, "order", -1)),
         stored=tuple(k for k in ("features", "weight", "bias", "stats") if k in g),
     )
+
+
+def _order(value: Any) -> int:
+    """The ``order`` attribute; anything but a non-negative integer reads as unknown (-1),
+    and the layers are then listed by depth and name."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else -1
 
 
 register_read(IOSpec(LAYER, "1"))(_read_layer)
