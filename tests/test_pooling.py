@@ -383,3 +383,41 @@ def test_info_on_a_checkpoint_shows_the_plan(work):
     desc = json.loads(res.stdout)
     assert "layer stage1 gives 256 features" in desc["plan"]["refused"]
     assert "extract would refuse" in desc["memory_plan"]
+
+
+def test_blocks_of_the_zoo_resnet18_and_their_notes():
+    from nccli import zoo
+
+    m = zoo.build("resnet18:num_classes=5,width=4,head_depth=1").eval()
+    disc = discover_layers(m, torch.randn(2, 3, 16, 16), "blocks")
+    got = [(c.name, c.pool, c.dim, c.order) for c in sorted(disc.layers, key=lambda c: c.order)]
+    assert got == [
+        ("relu", "avg", 4, 0),  # the stem: conv1 bn1 relu, by its last module
+        ("layer1", "avg", 4, 1),
+        ("layer2", "avg", 8, 2),
+        ("layer3", "avg", 16, 3),
+        ("layer4", "avg", 32, 4),
+        ("head.0", "none", 32, 5),  # avgpool/flatten give the penultimate feature: once
+        ("classifier", "none", 32, 6),
+    ]
+    assert disc.shapes["layer1"] == (4, 16, 16)
+
+    class Shared(nn.Module):
+        """A top-level activation used twice, and a child called 'blocks'."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(3, 4))
+            self.act = nn.Tanh()
+            self.mid = nn.Sequential(nn.Linear(4, 4))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.act(self.mid(self.act(self.blocks(x)))))
+
+    disc = discover_layers(Shared(), torch.randn(3, 3), "blocks")
+    assert [c.name for c in disc.layers] == ["fc", "blocks", "mid"]
+    assert any("act runs 2 times" in n and "'act#N'" in n for n in disc.notes)
+    assert any("--layers 'block[s]'" in n for n in disc.notes)
+    only = discover_layers(Shared(), torch.randn(3, 3), "block[s]")
+    assert [c.name for c in only.layers] == ["blocks"]
