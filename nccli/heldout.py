@@ -4,8 +4,8 @@
 A cache records the ``split`` its features came from.  A source whose split is not
 ``train`` is *held out*; its training source is the cache of the same checkpoint
 (``checkpoint_sha256``) with split ``train`` among the inputs, else the cache its
-``reference_cache`` attribute names (written by ``extract --eval-data``, a file name in
-the same folder).  With one, the generalisation metrics use the *training* class means:
+``reference_cache`` attribute names (``extract --eval-data`` writes ``../<stem>.h5``: the
+held-out caches live in a folder under the training ones).  With one, the generalisation metrics use the *training* class means:
 
 - ``nc4``, ``ncc_acc``: the nearest class mean is the nearest training mean;
 - ``nc1_vs_train``, ``cdnv_vs_train``: NC1 and CDNV of the held-out features about the
@@ -88,9 +88,18 @@ def held_out_pairs(sources: Sequence[Any], notes: list[str]) -> Iterator[dict[in
 
 
 def _open_reference(source: Any, notes: list[str]) -> Any | None:
-    """The training cache a held-out cache names, if it is there and of the same checkpoint."""
-    name = Path(str(source.attrs["reference_cache"])).name  # a name, never a path elsewhere
-    path = Path(source.path).with_name(name)
+    """The training cache a held-out cache names, if it is there and of the same checkpoint.
+
+    The attribute is a file name in the same folder or in the folder above (``../ep5.h5``,
+    what ``extract --eval-data`` writes); any other path is not followed."""
+    ref = str(source.attrs["reference_cache"])
+    up = ref.startswith("../")
+    name = ref[3:] if up else ref
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        notes.append(f"{source.label}: ignores its reference_cache {ref!r} (not a file name)")
+        return None
+    here = Path(source.path).parent
+    path = (here.parent if up else here) / name
     if not path.is_file():
         notes.append(f"{source.label}: its training cache {name} is not next to it")
         return None
@@ -103,7 +112,15 @@ def _open_reference(source: Any, notes: list[str]) -> Any | None:
         )
         ref.close()
         return None
+    notes.append(
+        f"{source.label}: split {split_of(source)!r} measured against the training class "
+        f"means of {ref_name(source)}"
+    )
     return ref
+
+
+def ref_name(source: Any) -> str:
+    return str(source.attrs.get("reference_cache"))
 
 
 def joint_selection(counts: Any, train_counts: Any, min_count: int) -> ClassSelection:

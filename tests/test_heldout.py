@@ -149,3 +149,53 @@ def test_compare_by_split_is_the_generalisation_gap(caches):
     assert "splits by epoch (Δ = split − train)" in tab.stdout
     one = runner.invoke(app, ["compare", paths[0], "--by", "split"])
     assert one.exit_code == 2 and "--by split needs a held-out split beside train" in one.stderr
+
+
+def test_extract_eval_data_writes_the_held_out_split_beside_the_training_one(tmp_path, caches):
+    """--eval-data test=FILE: <out>/test/<stem>.h5 with split 'test', which measure pairs
+    with ../<stem>.h5 on its own and compare --by split lines up."""
+    tmp = caches["train"].parent.parent
+    out = tmp_path / "cache"
+    res = runner.invoke(
+        app,
+        [
+            "extract",
+            str(tmp / "ep3.pt"),
+            "-d",
+            str(tmp / "train.npz"),
+            "--eval-data",
+            f"test={tmp / 'test.npz'}",
+            "--arch",
+            ARCH,
+            "-o",
+            str(out),
+            "-q",
+        ],
+    )
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.split() == [str(out / "ep3.h5"), str(out / "test" / "ep3.h5")]
+    with Cache(out / "test" / "ep3.h5") as c:
+        assert c.attrs["split"] == "test" and c.attrs["reference_cache"] == "../ep3.h5"
+    # alone, the test cache finds its training cache and says so
+    res = runner.invoke(
+        app, ["measure", str(out / "test" / "ep3.h5"), "-m", "ncc_acc", "-f", "csv"]
+    )
+    assert res.exit_code == 0, res.stderr
+    assert "split 'test' measured against the training class means of ../ep3.h5" in res.stderr
+    both = _measure(str(caches["train"]), str(caches["test"]), "-m", "ncc_acc")
+    alone = pd.read_csv(io.StringIO(res.stdout))
+    want = both[both["split"] == "test"].set_index("layer")["value"]
+    assert alone.set_index("layer")["value"].to_dict() == want.to_dict()
+    # bad values are one line each
+    for value, msg in (
+        ("test.npz", "write NAME=FILE"),
+        ("train=x.npz", "differ from the training split 'train'"),
+        ("a/b=x.npz", "letters, digits"),
+    ):
+        bad = runner.invoke(
+            app,
+            ["extract", str(tmp / "ep3.pt"), "-d", str(tmp / "train.npz"), "--arch", ARCH,
+             "-o", str(tmp_path / "x"), "--eval-data", value],
+        )  # fmt: skip
+        assert bad.exit_code == 2 and msg in bad.stderr, (value, bad.stderr)
+        assert not (tmp_path / "x").exists()

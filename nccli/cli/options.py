@@ -351,6 +351,16 @@ TrustOpt = Annotated[
     ),
 ]
 SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split: train, test, ...")]
+EvalDataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--eval-data",
+        metavar="NAME=DATA",
+        help="A held-out split to extract too (repeatable): 'test=test.npz' writes "
+        "<out>/test/<stem>.h5 per checkpoint, which measure and compare put beside the "
+        "training cache (nc4/ncc_acc against the training class means; compare --by split).",
+    ),
+]
 NormalizeOpt = Annotated[
     str | None,
     typer.Option(

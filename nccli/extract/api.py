@@ -5,9 +5,10 @@ dataset once, and run every checkpoint (one process, or one shard per ``torchrun
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,7 @@ def extract(
     state_key: str | None = None,
     pool: str | None = None,
     max_memory: str | int | float | None = None,
+    eval_data: Sequence[str] | Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
@@ -150,7 +152,10 @@ def extract(
     continues a ``.partial``.  ``num_workers > 0`` loads (and pins) batches in a thread,
     ``2·num_workers`` ahead; ``progress=False`` silences stderr.  ``skip_nonfinite`` drops
     samples with NaN/Inf features or logits in any layer from every layer (counted per
-    class) instead of failing.  Returns the cache paths.
+    class) instead of failing.  ``eval_data`` (``{"test": "test.npz"}`` or
+    ``["test=test.npz"]``) adds held-out splits: each checkpoint is run over each of them
+    too, into ``out_dir/<name>/<stem>.h5`` with split ``<name>`` and a ``reference_cache``
+    attribute naming its training cache (:mod:`nccli.heldout`).  Returns the cache paths.
 
     Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it) each rank
     extracts a disjoint shard ``<stem>.rank<r>.h5``; rank 0 merges and checks the ranks'
@@ -159,6 +164,7 @@ def extract(
     """
     opts = (amp, batch_size, feature_dtype, limit, num_workers, arch, model, pool, max_memory)
     paths = _check_options(checkpoints, *opts)
+    evals = parse_eval_data(eval_data, split)
     dev = resolve_device(device)
     group = _join_group(dev, distributed, dist_backend, dist_timeout)
     if group is not None:
@@ -175,17 +181,55 @@ def extract(
         )  # fmt: skip
         from nccli.io.datasets import open_dataset
 
-        ds = open_dataset(data, split=split, limit=limit, normalize=normalize)
-        try:
-            # image data need an explicit --normalize; what 'auto' chose is a note
-            print_notes(ds.require_normalize(), quiet=not progress or cfg.rank != 0)
-            return _run_all(ds, str(data), split, cfg, paths, out, group, num_workers)
-        finally:
-            if getattr(ds, "close", None) is not None:
-                ds.close()
+        written: list[Path] = []
+        for name, spec, sub_out in [(split, str(data), None), *evals]:
+            ds = open_dataset(spec, split=name, limit=limit, normalize=normalize)
+            try:
+                # image data need an explicit --normalize; what 'auto' chose is a note
+                print_notes(ds.require_normalize(), quiet=not progress or cfg.rank != 0)
+                target = out if sub_out is None else out / sub_out
+                written += _run_all(
+                    ds, spec, name, cfg, paths, target, group, num_workers, sub_out is not None
+                )
+            finally:
+                if getattr(ds, "close", None) is not None:
+                    ds.close()
+        return written
     finally:
         if group is not None:
             group.close()
+
+
+#: a held-out split's name: it names a folder under -o and the caches' split attribute
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def parse_eval_data(
+    eval_data: Sequence[str] | Mapping[str, str] | None, train_split: str
+) -> list[tuple[str, str, str]]:
+    """``--eval-data NAME=FILE`` values → ``(split name, dataset spec, folder under -o)``."""
+    if not eval_data:
+        return []
+    items = list(eval_data.items()) if isinstance(eval_data, Mapping) else []
+    if not isinstance(eval_data, Mapping):
+        for value in eval_data:
+            name, eq, spec = str(value).partition("=")
+            if not eq or not spec:
+                raise UsageError(
+                    f"--eval-data {value!r}: write NAME=FILE, e.g. --eval-data test=test.npz"
+                )
+            items.append((name, spec))
+    out: list[tuple[str, str, str]] = []
+    for name, spec in items:
+        if not _SPLIT_NAME.match(name) or name == train_split:
+            raise UsageError(
+                f"--eval-data {name}={spec}: the name must be letters, digits, '-' or '_' and "
+                f"differ from the training split {train_split!r} (e.g. test, val)"
+            )
+        if any(name == o[0] for o in out):
+            raise UsageError(f"--eval-data: the split {name!r} is given twice")
+        out.append((name, str(spec), name))
+    return out
 
 
 def _check_run(amp: str, dev: Any, paths: list[Path], out: Path) -> None:
@@ -222,8 +266,11 @@ def _run_all(
     out: Path,
     group: dist_mod.Group | None,
     num_workers: int,
+    held_out: bool = False,
 ) -> list[Path]:
-    """Every checkpoint over the open dataset, in order; the cache (or shard) paths."""
+    """Every checkpoint over the open dataset, in order; the cache (or shard) paths.
+    ``held_out``: the caches are an ``--eval-data`` split in a folder under ``-o``, each
+    naming its training cache (``reference_cache`` = ``../<stem>.h5``)."""
     if group is not None and len(ds) < group.world_size:
         raise UsageError(
             f"{data}: {len(ds)} samples cannot be split over {group.world_size} ranks; "
@@ -233,6 +280,8 @@ def _run_all(
     # one progress bar (rank 0's shard) under torchrun; every rank prints its notes
     with progress_bar(cfg.notes and cfg.rank == 0) as bar:
         run = Runner(ds, data, split, cfg, bar, prefetch=2 * num_workers)
+        if held_out:
+            run.reference = lambda p: "../" + cache_path(Path(), p, paths).name
         for p in paths:
             if group is None:
                 written.append(run.one(p, cache_path(out, p, paths)))

@@ -20,7 +20,7 @@ re-hashes the rows a partial holds and refuses when they no longer match.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,8 @@ class Runner:
         self.prefetch = prefetch
         self.data = data
         self.split = split
+        #: held-out splits (--eval-data): the training cache's name relative to this one
+        self.reference: Callable[[Path], str] | None = None
         self.cfg = cfg
         self.progress = progress
         self.console = progress.console if progress is not None else None
@@ -294,6 +296,7 @@ class Runner:
             "dataset_description": self.ds.describe(),
             "normalization": getattr(self.ds, "normalization", None),
             "split": self.split,
+            "reference_cache": None if self.reference is None else self.reference(ckpt),
             "arch": m.arch or f"<{m.format} module>",
             "state_key": m.state_key,
             "epoch": m.epoch,
