@@ -38,6 +38,8 @@ nothing and fails (:attr:`CompareResult.unchecked`).  Metrics named in threshold
 measured even if not in ``metrics``.
 
 Modules: this one (the use case and its result), :mod:`~nccli.compare.runs` (run names),
+:mod:`~nccli.compare.arrange` (rows in display order, deltas, fits, notes),
+:mod:`~nccli.compare.depth` (`--fit depth`),
 :mod:`~nccli.compare.thresholds` (``--fail-if``); :mod:`nccli.report.compare_table` and
 :mod:`nccli.report.plot` draw the result.
 """
@@ -52,7 +54,7 @@ from typing import Any
 
 import pandas as pd
 
-from nccli.compare.depth import FIT_SUFFIXES, depth_fits
+from nccli.compare.arrange import arrange, collapse_notes, label_by_role, public_columns, with_fits
 from nccli.compare.runs import RunFrom, run_names, trajectory_order
 from nccli.compare.thresholds import (
     DELTA_PREFIX,
@@ -239,11 +241,7 @@ def compare(
     notes: list[str] = []
     sources = open_sources(list(paths), num_classes=num_classes)
     try:
-        if grouping == "split" and len({_split_name(s) for s in sources}) < 2:
-            raise UsageError(
-                "--by split needs a held-out split beside train: extract one with "
-                "--eval-data NAME=FILE (or --split), and pass both caches"
-            )
+        _check_splits(grouping, sources)
         ckpts, runs, baseline = _order(sources, run_of, by, baseline, across, notes)
         opts = MeasureOptions(
             layers=layer_list,
@@ -254,20 +252,16 @@ def compare(
             num_classes=num_classes,
             min_class_count=min_class_count,
         )
-        with held_out_pairs(sources, notes) as refs:
-            frames = _measure_all(ckpts, runs, opts, progress, refs)
-        _label_by_role(frames, layer_list, notes)
-        notes.extend(_collapse_notes(opts.notes, [c.label for c in ckpts]))
-        _note_mixed_preprocessing(sources, notes)
+        frames = _measure_checkpoints(sources, ckpts, runs, opts, progress, notes)
     finally:
         for s in sources:
             s.close()
 
-    data = _arrange(frames, names, by, baseline, notes)
+    data = arrange(frames, names, by is By.run, baseline, notes)
     if fit == "depth":
-        data = _with_fits(data, names, notes)
+        data = with_fits(data, names, notes)
     violations, checked, unchecked = find_violations(data, thresholds, fail_if_last, notes)
-    out = _public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
+    out = public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
     out.attrs["notes"] = list(notes)
     out.attrs["center"] = center
     return CompareResult(
@@ -285,6 +279,32 @@ def compare(
         fit=fit,
         grouping=grouping,
     )
+
+
+def _check_splits(grouping: str, sources: Sequence[Source]) -> None:
+    if grouping == "split" and len({_split_name(s) for s in sources}) < 2:
+        raise UsageError(
+            "--by split needs a held-out split beside train: extract one with "
+            "--eval-data NAME=FILE (or --split), and pass both caches"
+        )
+
+
+def _measure_checkpoints(
+    sources: Sequence[Source],
+    ckpts: Sequence[_Ckpt],
+    runs: list[str],
+    opts: MeasureOptions,
+    progress: Callable[[str], None] | None,
+    notes: list[str],
+) -> list[pd.DataFrame]:
+    """Each checkpoint's rows (held-out splits paired with their training split), the
+    layers labelled by role where models name them differently, and the notes."""
+    with held_out_pairs(sources, notes) as refs:
+        frames = _measure_all(ckpts, runs, opts, progress, refs)
+    label_by_role(frames, list(opts.layers) if opts.layers else None, notes)
+    notes.extend(collapse_notes(opts.notes, [c.label for c in ckpts]))
+    _note_mixed_preprocessing(sources, notes)
+    return frames
 
 
 def _split_name(source: Source) -> str:
@@ -430,102 +450,6 @@ def _measure_all(
     return frames
 
 
-#: roles that pick one layer per source, so sources can be lined up by them
-ONE_LAYER_ROLES = ("penultimate", "classifier")
-
-
-def _label_by_role(frames: list[pd.DataFrame], layers: list[str] | None, notes: list[str]) -> None:
-    """``--layer penultimate`` / ``--layer classifier`` across models that name that layer
-    differently (``fc``, ``classifier``, ``head.0``): label the rows by the role so the
-    runs line up (tables, deltas, the plot), and say which layer each source gave."""
-    if not layers or len(layers) != 1 or layers[0] not in ONE_LAYER_ROLES:
-        return
-    role = layers[0]
-    first: dict[str, str] = {}  # layer name → the first run or source that has it
-    for df in frames:
-        for who, layer in zip(df["run"], df["layer"], strict=True):
-            first.setdefault(str(layer), str(who))
-    if len(first) < 2:
-        return
-    for df in frames:
-        df["layer"] = role
-    which = ", ".join(f"{name} ({who})" for name, who in first.items())
-    notes.append(f"--layer {role} is {which} in these models: rows are labelled {role}")
-
-
-def _arrange(
-    frames: list[pd.DataFrame],
-    names: list[str],
-    by: By | None,
-    baseline: str | None,
-    notes: list[str],
-) -> pd.DataFrame:
-    """One frame, with the ``delta_`` rows for ``by="run"``, sorted for display: by run,
-    checkpoint, layer, metric (or by epoch first, runs side by side, with ``by="run"``)."""
-    data = pd.concat(frames, ignore_index=True)
-    data["step"] = data["step"].astype("Int64")
-    data["epoch"] = data["epoch"].astype("Int64")
-    metric_rank = {m: i for i, m in enumerate(names)}
-    metric_rank.update({DELTA_PREFIX + m: len(names) + i for i, m in enumerate(names)})
-    if by is By.run:
-        deltas = _deltas(data, baseline, names, notes)
-        if not deltas.empty:
-            data = pd.concat([data, deltas], ignore_index=True)
-        order = ["epoch", "step", "_run", "_lr", "_mr"]
-    else:
-        order = ["_run", "_ck", "_lr", "_mr"]
-    data["_mr"] = data["metric"].map(metric_rank)
-    return data.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
-
-
-def _with_fits(data: pd.DataFrame, names: list[str], notes: list[str]) -> pd.DataFrame:
-    """``data`` with each checkpoint's depth-fit rows after its layers (:mod:`.depth`)."""
-    fits = depth_fits(data, names, notes)
-    if fits.empty:
-        return data
-    fits["_lr"] = len(data)  # after every layer of the checkpoint
-    # each metric's slope, ratio, r2 together, in the order of the metrics
-    rank = {
-        m + s: len(names) + len(FIT_SUFFIXES) * j + i
-        for j, m in enumerate(names)
-        for i, s in enumerate(FIT_SUFFIXES)
-    }
-    fits["_mr"] = fits["metric"].map(rank)
-    out = pd.concat([data, fits], ignore_index=True)
-    return out.sort_values(["_run", "_ck", "_lr", "_mr"], kind="stable").reset_index(drop=True)
-
-
-def _public_columns(data: pd.DataFrame, *, keep_run: bool) -> pd.DataFrame:
-    """The tidy columns (``run`` only when ``keep_run``, ``step`` only when any is set,
-    ``split`` only when the inputs hold more than one split or a held-out one)."""
-    keep_step = bool(data["step"].notna().any())
-    splits = set(data["split"].dropna()) if "split" in data.columns else set()
-    keep_split = len(splits) > 1 or bool(splits - {TRAIN})
-    cols = [
-        c
-        for c in ("source", "run", "split", "epoch", "step", "layer", "metric", "value")
-        if (c != "run" or keep_run) and (c != "step" or keep_step) and (c != "split" or keep_split)
-    ]
-    return data[cols].copy()
-
-
-def _collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
-    """Merge ``"<source> <layer>: <why>"`` notes that repeat for many checkpoints."""
-    groups: dict[str, list[str]] = {}
-    for note in notes:
-        src = next((lab for lab in labels if note.startswith(lab + " ")), None)
-        key = note if src is None else note[len(src) + 1 :]
-        groups.setdefault(key, []).append(src or "")
-    out = []
-    for key, srcs in groups.items():
-        if len(srcs) == 1:
-            out.append(f"{srcs[0]} {key}".strip())
-        else:
-            more = f", … {len(srcs) - 3} more" if len(srcs) > 3 else ""
-            out.append(f"{key} ({', '.join(srcs[:3])}{more})")
-    return out
-
-
 def _check_runs(ckpts: list[_Ckpt], runs: list[str], baseline: str | None) -> str:
     """Validate the runs for ``by="run"`` and return the baseline run."""
     if len(runs) < 2:
@@ -551,36 +475,3 @@ def _check_runs(ckpts: list[_Ckpt], runs: list[str], baseline: str | None) -> st
             )
         seen[key] = c.source.path
     return baseline or runs[0]
-
-
-def _deltas(data: pd.DataFrame, baseline: str, names: list[str], notes: list[str]) -> pd.DataFrame:
-    """``delta_<m>`` rows: each non-baseline run minus the baseline at the same epoch, layer."""
-    base = data[data["run"] == baseline]
-    ref = {
-        (e, layer, m): v
-        for e, layer, m, v in base[["epoch", "layer", "metric", "value"]].itertuples(
-            index=False, name=None
-        )
-    }
-    rows = []
-    unmatched: dict[str, set] = {}
-    for rec in data[data["run"] != baseline].to_dict("records"):
-        key = (rec["epoch"], rec["layer"], rec["metric"])
-        if rec["metric"] not in names:
-            continue
-        if key not in ref:
-            unmatched.setdefault(rec["run"], set()).add(
-                f"epoch {rec['epoch']} layer {rec['layer']}"
-            )
-            continue
-        rows.append(
-            {**rec, "metric": DELTA_PREFIX + rec["metric"], "value": rec["value"] - ref[key]}
-        )
-    for run, where in unmatched.items():
-        shown = sorted(where)
-        more = f" and {len(shown) - 5} more" if len(shown) > 5 else ""
-        notes.append(
-            f"run {run}: no delta where baseline {baseline} has no matching checkpoint/layer "
-            f"({'; '.join(shown[:5])}{more})"
-        )
-    return pd.DataFrame(rows, columns=data.columns)

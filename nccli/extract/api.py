@@ -179,25 +179,41 @@ def extract(
             world_size=group.world_size if group is not None else 1,
             skip_nonfinite=skip_nonfinite, state_key=state_key, pool=pool, max_memory=max_memory,
         )  # fmt: skip
-        from nccli.io.datasets import open_dataset
-
-        written: list[Path] = []
-        for name, spec, sub_out in [(split, str(data), None), *evals]:
-            ds = open_dataset(spec, split=name, limit=limit, normalize=normalize)
-            try:
-                # image data need an explicit --normalize; what 'auto' chose is a note
-                print_notes(ds.require_normalize(), quiet=not progress or cfg.rank != 0)
-                target = out if sub_out is None else out / sub_out
-                written += _run_all(
-                    ds, spec, name, cfg, paths, target, group, num_workers, sub_out is not None
-                )
-            finally:
-                if getattr(ds, "close", None) is not None:
-                    ds.close()
-        return written
+        splits = [(split, str(data), None), *evals]
+        return _run_splits(splits, cfg, paths, out, group, num_workers, limit, normalize)
     finally:
         if group is not None:
             group.close()
+
+
+def _run_splits(
+    splits: list[tuple[str, str, str | None]],
+    cfg: Settings,
+    paths: list[Path],
+    out: Path,
+    group: dist_mod.Group | None,
+    num_workers: int,
+    limit: int | None,
+    normalize: str | None,
+) -> list[Path]:
+    """Every checkpoint over the training data, then over each held-out split (its caches
+    in the folder ``out/<name>``); each dataset is opened once."""
+    from nccli.io.datasets import open_dataset
+
+    written: list[Path] = []
+    for name, spec, sub_out in splits:
+        ds = open_dataset(spec, split=name, limit=limit, normalize=normalize)
+        try:
+            # image data need an explicit --normalize; what 'auto' chose is a note
+            print_notes(ds.require_normalize(), quiet=not cfg.notes or cfg.rank != 0)
+            target = out if sub_out is None else out / sub_out
+            written += _run_all(
+                ds, spec, name, cfg, paths, target, group, num_workers, sub_out is not None
+            )
+        finally:
+            if getattr(ds, "close", None) is not None:
+                ds.close()
+    return written
 
 
 #: a held-out split's name: it names a folder under -o and the caches' split attribute
