@@ -13,7 +13,22 @@ from rich.markup import escape
 from rich.table import Table
 
 #: the columns of the layer table, in order (those no layer has are left out)
-INFO_COLUMNS = ("name", "module", "io", "depth", "role", "dim", "dtype", "weight", "bias", "stats")
+INFO_COLUMNS = (
+    "name",
+    "module",
+    "io",
+    "depth",
+    "role",
+    "pool",
+    "shape",
+    "dim",
+    "dtype",
+    "weight",
+    "bias",
+    "stats",
+    "feature_bytes",
+    "stats_bytes",
+)
 
 
 def _info_cell(value: object) -> str:
@@ -47,8 +62,20 @@ def render_info(
     for c in cols:
         table.add_column(c)
     for row in layers:
-        table.add_row(*(_info_cell(row.get(c)) for c in cols))
+        table.add_row(
+            *(_size(row.get(c)) if c.endswith("_bytes") else _info_cell(row.get(c)) for c in cols)
+        )
     console.print(table)
+
+
+def _size(n: object) -> str:
+    """A byte count for the eye (decimal units, as ``--max-memory`` reads them)."""
+    if not isinstance(n, (int, float)):
+        return _info_cell(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
 
 
 def render_metrics(metrics: Iterable[Any], console: Console) -> None:
