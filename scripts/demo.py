@@ -3,7 +3,9 @@
 Every step is the real CLI in a subprocess, echoed like a shell session:
 
 1. ``nccli extract`` every checkpoint of the four sample runs into
-   ``demo_out/cache/<run>/`` (finished caches are skipped, so a second demo is quick);
+   ``demo_out/cache/<run>/`` (finished caches are skipped, so a second demo is quick),
+   run 1 also over the held-out test digits (``--eval-data``) and its last checkpoint
+   with the hidden layers too (``demo_out/cache/run1_depth/``);
 2. ``nccli measure`` the last checkpoint of run 1 (CE, deep linear head): every metric,
    every head layer;
 3. ``nccli compare`` run 1's trajectory over its checkpoints, drawn to
@@ -11,7 +13,10 @@ Every step is the real CLI in a subprocess, echoed like a shell session:
 4. ``nccli compare --across layers``: how collapse changes through run 1's linear head;
 5. ``nccli compare --across runs``: the last checkpoint of each run side by side;
 6. ``nccli measure --per-class`` on run 3 (MSE, bias-free head, imbalanced classes): the
-   orthogonal-frame geometry and the closed-form lengths beside the measured ones.
+   orthogonal-frame geometry and the closed-form lengths beside the measured ones;
+7. ``nccli compare --across layers --fit depth``: collapse through the whole network,
+   hidden layers and head, with the per-layer decay of log NC1 (``demo_out/nc_depth.png``);
+8. ``nccli compare --by split``: train beside the held-out digits over run 1.
 
 ``sample_data/`` is made by ``scripts/make_sample_data.py`` (see ``sample_data/README.md``).
 """
@@ -66,6 +71,10 @@ def main() -> int:
     heading("1. Extract features of every sample checkpoint (finished caches are skipped)")
     for name, run in runs.items():
         checkpoints = [rel(DATA / c) for c in run["checkpoints"]]
+        # run 1 also over the held-out digits: cache/run1_ce/test/*.h5
+        held_out = (
+            ["--eval-data", f"test={rel(DATA / 'digits_test.npz')}"] if name == "run1_ce" else []
+        )
         nccli(
             "extract",
             *checkpoints,
@@ -73,9 +82,24 @@ def main() -> int:
             rel(DATA / run["data"]),
             "--arch",
             run["arch"],
+            *held_out,
             "-o",
             rel(cache / name),
         )
+    depth = cache / "run1_depth"
+    # the last checkpoint of run 1 with its hidden layers too (the ReLU outputs of the body)
+    nccli(
+        "extract",
+        rel(DATA / runs["run1_ce"]["checkpoints"][-1]),
+        "--data",
+        rel(DATA / runs["run1_ce"]["data"]),
+        "--arch",
+        runs["run1_ce"]["arch"],
+        "--layers",
+        "body.1,body.3,auto",
+        "-o",
+        rel(depth),
+    )
 
     run1 = cache / "run1_ce"
     last1 = run1 / Path(runs["run1_ce"]["checkpoints"][-1]).with_suffix(".h5").name
@@ -132,6 +156,37 @@ def main() -> int:
         str(run3["wd"]),
         "--wd-classifier",
         str(run3["wd"]),
+        "--format",
+        "table",
+    )
+
+    heading("7. Collapse through the whole network (run 1, last checkpoint): hidden layers + head")
+    nccli(
+        "compare",
+        rel(depth),
+        "--across",
+        "layers",
+        "--metrics",
+        "nc1,nc1_trace,ncc_acc",
+        "--fit",
+        "depth",
+        "--format",
+        "table",
+        "--plot",
+        rel(OUT / "nc_depth.png"),
+    )
+
+    heading("8. Train against held-out test digits over run 1 (test NC4/NCC use the train means)")
+    nccli(
+        "compare",
+        rel(run1),
+        rel(run1 / "test"),
+        "--by",
+        "split",
+        "--layer",
+        "penultimate",
+        "--metrics",
+        "nc1,ncc_acc,acc",
         "--format",
         "table",
     )
