@@ -233,3 +233,31 @@ def test_role_classifier_selects_the_classifier_input_in_every_model(tmp_path):
     res = runner.invoke(app, ["measure", bare, "-l", "classifier"])
     assert res.exit_code != 0
     assert "no layer matches 'classifier'" in res.stderr and "none feeds a classifier" in res.stderr
+
+
+def test_extract_notes_classes_the_data_do_not_have(tmp_path):
+    """A classifier wider than the labels (a class held out on purpose): extract says so
+    once, and measure leaves that class out with the count in the `classes` row."""
+    from nccli import zoo
+
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % (K - 1)  # the last class has no sample
+    x = (rng.normal(size=(K, D)) * 2)[y] + rng.normal(size=(N, D))
+    np.savez(tmp_path / "data.npz", x=x.astype(np.float32), y=y)
+    arch = f"mlp:in_dim={D},widths=16-,num_classes={K}"
+    torch.manual_seed(0)
+    torch.save(zoo.build(arch).state_dict(), tmp_path / "ep1.pt")
+    out = tmp_path / "c"
+    res = runner.invoke(
+        app,
+        ["extract", str(tmp_path / "ep1.pt"), "-d", str(tmp_path / "data.npz"), "--arch", arch,
+         "-o", str(out)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    note = (
+        f"note: {tmp_path / 'data.npz'}: the model has {K} classes and the data have no "
+        f"sample of 1 of them ({K - 1}); measure leaves them out and uses the other {K - 1}"
+    )
+    assert res.stderr.count(note) == 1, res.stderr
+    got, err = _measure(str(out / "ep1.h5"), "-m", "classes,nc1")
+    assert got["classes"] == K - 1 and math.isfinite(got["nc1"])

@@ -270,6 +270,7 @@ class Runner:
                 "its labels and that --data and --split are the data this model was trained "
                 "on (or, if the model really has more classes, num_classes in --arch/--model)"
             )
+        self._note_absent_classes(K)
         return _Model(
             module,
             x_dtype,
@@ -283,6 +284,22 @@ class Runner:
             loaded.step_from,
             loaded.state_key,
         )
+
+    def _note_absent_classes(self, K: int) -> None:
+        """One note when the model has classes the data have no sample of (a classifier
+        wider than the labels): measure leaves them out (nccli.classes)."""
+        counts = np.bincount(np.asarray(self.ds.labels, dtype=np.int64), minlength=K)[:K]
+        absent = np.flatnonzero(counts == 0)
+        text = (
+            f"{self.data}: the model has {K} classes and the data have no sample of "
+            f"{absent.size} of them ("
+            + ", ".join(str(int(k)) for k in absent[:5])
+            + (", ..." if absent.size > 5 else "")
+            + f"); measure leaves them out and uses the other {K - absent.size}"
+        )
+        if absent.size and text not in self._noted:
+            self._noted.add(text)
+            self.note(text)
 
     def _attrs(self, ckpt: Path, m: _Model, start: int, inputs: Any) -> dict[str, Any]:
         """The root attributes recorded with the cache (``inputs``: the fresh hash)."""
