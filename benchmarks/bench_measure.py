@@ -14,6 +14,17 @@ resident memory of `nccli measure` in a subprocess for two values of N.
 
     python benchmarks/bench_measure.py            # all sizes
     python benchmarks/bench_measure.py --small    # skip (200k, 2048, 1000)
+
+Many classes (issue 15), `--many-classes`: an fp16 cache per (N, d, K) — (200k, 512, 10k)
+and (1M, 1024, 50k), or smaller ones with `--quick`, or any list with `--sizes` — written
+with nccli's CacheWriter (generation is not timed), then `nccli measure` on it in a fresh
+subprocess (wall time and peak RSS from `getrusage(RUSAGE_CHILDREN)` of a wrapper process),
+for every default metric and for the default metrics without the NC4 pass (the difference is
+the pass), next to the bound measured in the same run (one read of the features + one d×d
+GEMM):
+
+    python benchmarks/bench_measure.py --many-classes --quick
+    python benchmarks/bench_measure.py --many-classes --sizes 200000,512,10000
 """
 
 from __future__ import annotations
@@ -121,13 +132,122 @@ def import_rss_mb() -> float:
     return float(out.stdout.strip()) / 1024
 
 
+# ---------------------------------------------------------------- many classes (issue 15)
+#: the issue's two scenarios, and the smaller ones of ``--quick``
+MANY_CLASSES = [(200_000, 512, 10_000), (1_000_000, 1024, 50_000)]
+MANY_CLASSES_QUICK = [(20_000, 512, 1_000), (50_000, 512, 2_500), (50_000, 1024, 5_000)]
+#: the default metrics without the NC4 pass (nc4, acc, ncc_acc)
+NO_PASS = "classes,nc1,nc2,nc3,geometry,cond_l"
+
+
+def make_cache(path: Path, N: int, d: int, K: int, seed: int = 0, chunk: int = 20_000) -> None:
+    """An fp16 cache of near-collapsed features over K classes (every class present), with
+    its statistics computed from the values as stored, like ``extract`` does."""
+    rng = np.random.default_rng(seed)
+    means = 3 * rng.normal(size=(K, d)).astype(np.float32)
+    W = means + 0.3 * rng.normal(size=(K, d)).astype(np.float32)
+    spec = [LayerSpec("fc", d, module="fc", role="penultimate", weight=W, bias=np.zeros(K))]
+    w = CacheWriter(
+        path, spec, N, K, attrs={"classifier": "fc"}, feature_dtype="float16", logits=False
+    )
+    st = ClassStats(K, d)
+    for s in range(0, N, chunk):
+        n = min(chunk, N - s)
+        y = rng.integers(0, K, n)
+        if s == 0:
+            y[: min(n, K)] = np.arange(min(n, K))
+        H = (means[y] + rng.normal(size=(n, d)).astype(np.float32)).astype(np.float16)
+        w.write_rows(s, y, np.arange(s, s + n), {"fc": H})
+        st.update(H, y)
+    w.finalize({"fc": st})
+
+
+def cache_bound(path: Path, chunk_rows: int = 8192) -> None:
+    """One chunked read of the cache's features + one d×d GEMM (float32)."""
+    with h5py.File(path, "r") as f:
+        X = f["layers/fc/features"]
+        d = X.shape[1]
+        G = np.zeros((d, d), dtype=np.float32)
+        for s in range(0, X.shape[0], chunk_rows):
+            h = X[s : s + chunk_rows].astype(np.float32)
+            G += h.T @ h
+
+
+def timed_measure(path: Path, metrics: str | None = None) -> tuple[float, float]:
+    """Wall time (s) and peak RSS (MB) of ``nccli measure`` in a fresh subprocess, from
+    ``getrusage(RUSAGE_CHILDREN)`` of a wrapper whose only child it is."""
+    cmd = [str(Path(sys.executable).with_name("nccli")), "measure", str(path), "--format", "csv"]
+    if metrics:
+        cmd += ["--metrics", metrics]
+    wrapper = (
+        "import resource, subprocess, sys, time; t = time.perf_counter();"
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL);"
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True
+    )
+    wall, rss_kb = out.stdout.split()
+    return float(wall), float(rss_kb) / 1024
+
+
+def many_classes(sizes: list[tuple[int, int, int]], tmp: Path) -> list[dict]:
+    """The issue-15 table: every default metric, the same without the NC4 pass, the bound."""
+    head = (
+        f"{'N':>9} {'d':>5} {'K':>6} {'cache MB':>9} | {'all s':>7} {'RSS MB':>7} | "
+        f"{'no-pass s':>9} {'RSS MB':>7} | {'bound s':>7} {'all/bound':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    results = []
+    for N, d, K in sizes:
+        path = tmp / f"c_{N}_{d}_{K}.h5"
+        t = time.perf_counter()
+        make_cache(path, N, d, K)
+        gen = time.perf_counter() - t
+        size = path.stat().st_size / 2**20
+        t_bound = best_of(lambda p=path: cache_bound(p), 2)
+        t_all, rss_all = timed_measure(path)
+        t_np, rss_np = timed_measure(path, NO_PASS)
+        row = {"N": N, "d": d, "K": K, "cache_mb": size, "generate_s": gen, "all_s": t_all,
+               "all_rss_mb": rss_all, "no_pass_s": t_np, "no_pass_rss_mb": rss_np,
+               "bound_s": t_bound}  # fmt: skip
+        results.append(row)
+        print(
+            f"{N:>9} {d:>5} {K:>6} {size:>9.0f} | {t_all:>7.1f} {rss_all:>7.0f} | "
+            f"{t_np:>9.1f} {rss_np:>7.0f} | {t_bound:>7.2f} {t_all / t_bound:>9.1f}",
+            flush=True,
+        )
+        path.unlink()
+    return results
+
+
+def _sizes(text: str) -> list[tuple[int, int, int]]:
+    parts = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    if len(parts) % 3:
+        raise SystemExit("--sizes takes N,d,K triples: 200000,512,10000[,N,d,K ...]")
+    return [tuple(parts[i : i + 3]) for i in range(0, len(parts), 3)]  # type: ignore[misc]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="skip (200k, 2048, 1000)")
     ap.add_argument("--ref-rows", type=int, default=4000, help="rows the reference runs on")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--many-classes", action="store_true", help="the issue-15 scenarios")
+    ap.add_argument("--quick", action="store_true", help="--many-classes: smaller sizes")
+    ap.add_argument("--sizes", type=_sizes, help="--many-classes: N,d,K triples")
+    ap.add_argument("--tmp", type=Path, help="folder for the generated files")
     args = ap.parse_args()
+    if args.many_classes:
+        sizes = args.sizes or (MANY_CLASSES_QUICK if args.quick else MANY_CLASSES)
+        print(f"cpus {os.cpu_count()}")
+        with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+            results = many_classes(sizes, Path(tmp))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
     sizes = [(50_000, 512, 10), (50_000, 512, 100), (20_000, 512, 100)]
     if not args.small:
         sizes.append((200_000, 2048, 1000))

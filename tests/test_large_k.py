@@ -8,6 +8,7 @@ pinv reference for nc1 with K > d.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import subprocess
@@ -191,9 +192,7 @@ def test_nc4_ties_resolve_to_the_first_index(budget):
     assert got == want
     # the ties are real: the second half of the classes never wins
     hc = H - st.global_mean()
-    blocks = nc._nc4_blocks(
-        np.concatenate([W, st.means], 0).T, np.zeros(K), np.sum(st.means**2, 1), 256
-    )
+    blocks = nc._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
     pred, ncc = nc._nc4_rows(hc, blocks, np)
     assert pred.max() < K // 2 and ncc.max() < K // 2
     np.testing.assert_array_equal(pred, np.argmax(hc @ W.T, axis=1))
@@ -203,8 +202,7 @@ def test_nc4_running_argmax_in_torch_matches_numpy():
     """The device branch (torch tensors) folds tiles the same way, ties included."""
     H, y, W, K = _tied_problem()
     st = ClassStats.from_arrays(H, y, K)
-    both = np.concatenate([W, st.means], 0).T
-    blocks = nc._nc4_blocks(both, np.zeros(K), np.sum(st.means**2, 1), 256)
+    blocks = nc._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
     t_blocks = [(k0, *(torch.as_tensor(a) for a in r)) for k0, *r in blocks]
     pred, ncc = nc._nc4_rows(H, blocks, np)
     tp, tn = nc._nc4_rows(torch.as_tensor(H), t_blocks, torch)
@@ -269,12 +267,12 @@ def test_geometry_refuses_cosine_matrices_above_the_limit(tmp_path):
 # ---------------------------------------------------------------- 20k classes in 2 GB
 _SCRIPT = textwrap.dedent(
     """
-    import resource, sys
+    import json, resource, sys
     from nccli import measure
     df = measure(sys.argv[1])
     vals = dict(zip(df.metric, df.value))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(repr((vals, peak)))
+    print(json.dumps([vals, peak]))
     """
 )
 
@@ -305,7 +303,7 @@ def test_twenty_thousand_classes_under_a_2gb_address_space(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    vals, peak_kb = eval(out.stdout.strip().splitlines()[-1])
+    vals, peak_kb = json.loads(out.stdout.strip().splitlines()[-1])
     assert vals["classes"] == K
     assert vals["nc1_rank"] == d
     for name in ("nc1", "cdnv", "nc2_equiangular_means", "nc2_etf_dist_classifier", "nc4"):

@@ -81,7 +81,12 @@ def of_maxcos_means(stats: ClassStats, *, tile: int | None = None) -> float:
     present = _present(stats)
     vec = stats.memo(
         ("uncentred_vectors", tile),
-        lambda: Vectors(stats.means[present], "class mean", tile=tile, etf=False),
+        lambda: Vectors(
+            stats.means if present.all() else stats.means[present],
+            "class mean",
+            tile=tile,
+            etf=False,
+        ),
     )
     return of_maxcos(vec, "class mean")
 

@@ -430,13 +430,16 @@ _NC4_TEMPS = 4
 _NC4_MIN_TILE = 256
 
 
-def _nc4_blocks(both: np.ndarray, b: np.ndarray, mu_sq: np.ndarray, t: int) -> list[tuple]:
-    """``[W; μ]`` cut into class tiles: ``(k0, d × 2t block, bias, ||μ||²)`` per tile."""
+def _nc4_blocks(
+    W: np.ndarray, mu: np.ndarray, b: np.ndarray, mu_sq: np.ndarray, t: int
+) -> list[tuple]:
+    """``[W; μ]`` cut into class tiles: ``(k0, d × 2t block [W_tileᵀ μ_tileᵀ], bias, ||μ||²)``
+    per tile (together one copy of ``W`` and ``μ``)."""
     K = b.size
     out = []
     for k0 in range(0, K, t):
         k1 = min(K, k0 + t)
-        block = np.ascontiguousarray(np.concatenate([both[:, k0:k1], both[:, K + k0 : K + k1]], 1))
+        block = np.ascontiguousarray(np.concatenate([W[k0:k1], mu[k0:k1]], axis=0).T)
         out.append((k0, block, b[k0:k1], mu_sq[k0:k1]))
     return out
 
@@ -463,8 +466,12 @@ def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any) -> tuple[Any, Any]:
     for k0, block, b, mu_sq in blocks:
         prod = hc @ block
         t = b.shape[0]
-        pred_v, pred = _running(pred_v, pred, prod[:, :t] + b, k0, xp, largest=True)
-        ncc_v, ncc = _running(ncc_v, ncc, mu_sq - 2.0 * prod[:, t:], k0, xp, largest=False)
+        logits, dist = prod[:, :t], prod[:, t:]
+        logits += b
+        dist *= -2.0  # exact: then ``+ ||μ||²`` rounds as ``||μ||² - 2·prod`` does
+        dist += mu_sq
+        pred_v, pred = _running(pred_v, pred, logits, k0, xp, largest=True)
+        ncc_v, ncc = _running(ncc_v, ncc, dist, k0, xp, largest=False)
     return pred, ncc
 
 
@@ -498,7 +505,6 @@ def nc4_pass(
     mu = stats.means - mu_g
     mu_sq = np.sum(mu * mu, axis=1)
     mu_sq[stats.counts == 0] = np.inf
-    both = np.concatenate([Wn, mu], axis=0).T  # d × 2K
     # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
     b = b + Wn @ mu_g
     on_cpu = dev.type == "cpu"
@@ -513,7 +519,8 @@ def nc4_pass(
             per_row = 8 * _NC4_TEMPS * max(1, h.shape[0])
             t = min(K, max(_NC4_MIN_TILE, budget // per_row))
             rows = max(1, budget // (8 * _NC4_TEMPS * t))
-            blocks = _nc4_blocks(both, b, mu_sq, t)
+            blocks = _nc4_blocks(Wn, mu, b, mu_sq, t)
+            mu = Wn = None  # the blocks hold the only copy the pass needs
             if not on_cpu:
                 blocks = [(k0, *(torch.as_tensor(a, device=dev) for a in r)) for k0, *r in blocks]
                 mu_g_t = torch.as_tensor(mu_g, device=dev)

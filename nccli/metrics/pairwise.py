@@ -67,17 +67,38 @@ class Moments:
     m2: float = 0.0
 
     def add(self, x: np.ndarray) -> None:
-        nb = int(x.size)
+        """Fold in the values ``x`` (1-D): their own mean and M2 (two passes), merged."""
+        if x.size:
+            mb = float(x.mean())
+            dev = x - mb
+            self.merge(int(x.size), mb, float(np.dot(dev, dev)))
+
+    def merge(self, nb: int, mb: float, m2b: float) -> None:
+        """Fold in a block of ``nb`` values with mean ``mb`` and M2 ``m2b`` (Chan et al.)."""
         if nb == 0:
             return
-        mb = float(x.mean())
-        dev = x - mb
-        m2b = float(np.dot(dev, dev))
         n = self.n + nb
         delta = mb - self.mean
         self.mean += delta * nb / n
         self.m2 += m2b + delta * delta * (self.n * nb / n)
         self.n = n
+
+    def add_shifted(self, x: np.ndarray, work: np.ndarray) -> None:
+        """Fold in the 2-D block ``x`` with shifted sums about the running mean (``work``: a
+        scratch array of its shape): ``M2_b = Σz² - (Σz)²/n`` with ``z = x - mean``.
+
+        Its rounding error, ``eps·n_b (m_b - mean)²``, is at most ``eps·n/n_a`` of the
+        between-block term the merge adds, so the total keeps its digits; the first block
+        (no mean yet) takes the exact two-pass form."""
+        nb = int(x.size)
+        if self.n == 0 or nb == 0:
+            self.add(x.ravel())
+            return
+        np.subtract(x, self.mean, out=work)
+        z = work.ravel()
+        sz = float(z.sum())
+        m2b = max(0.0, float(np.dot(z, z)) - sz * sz / nb)
+        self.merge(nb, self.mean + sz / nb, m2b)
 
     @property
     def std(self) -> float:
@@ -132,35 +153,119 @@ def _upper(n: int, cache: dict[int, np.ndarray]) -> np.ndarray:
     return m
 
 
-def _distances(
-    G: np.ndarray, sq: np.ndarray, V: np.ndarray, a: int, b: int, c: int, e: int
-) -> np.ndarray:
-    """``||v_k - v_l||²`` of a tile.
+def _close_pairs(
+    D: np.ndarray, S: np.ndarray, V: np.ndarray, a: int, c: int, out: PairSummary
+) -> None:
+    """Recompute ``D`` in place where ``D < CDNV_DIRECT·S`` from the differences of the rows
+    (blocks within the tile budget), and record a zero distance.
 
-    From the Gram form ``sq_k + sq_l - 2G_kl``: the GEMM error is at most ``γ_d ||v_k|| ||v_l||
-    ≤ γ_d (sq_k+sq_l)/2`` (``γ_d ≈ d·eps``), so a distance keeps a relative error below
-    ``γ_d (sq_k+sq_l)/D``.  The vectors are *centred* means, so ``sq`` is the spread about
-    ``μ_G`` (no common offset) and ``D ≈ sq_k+sq_l`` for all but near-coinciding classes;
-    pairs with ``D < CDNV_DIRECT·(sq_k+sq_l)`` (where the bound exceeds ``100·γ_d``) are
-    recomputed from the difference ``v_k - v_l`` directly, in blocks within the tile budget.
+    ``D = S - 2G`` with ``S = ||v_k||²+||v_l||²`` is the Gram form: the GEMM error is at most
+    ``γ_d ||v_k|| ||v_l|| ≤ γ_d S/2`` (``γ_d ≈ d·eps``), so a distance keeps a relative error
+    below ``γ_d S/D``.  The rows are *centred* means, so ``S`` is the spread about ``μ_G`` (no
+    common offset) and ``D ≈ S`` for all but near-coinciding classes; below
+    ``CDNV_DIRECT·S`` (where that bound exceeds ``100·γ_d``, ~2e-12 at d = 1024) the
+    difference ``v_k - v_l`` is formed directly.  Such a pair has ``cos > 1 - CDNV_DIRECT``
+    (``S ≥ 2||v_k|| ||v_l||``), which lets tiles without one skip this search.
     """
-    s_row, s_col = sq[a:b, None], sq[None, c:e]
-    D = s_row + s_col
-    scale = D * CDNV_DIRECT
-    D -= 2.0 * G
-    rows, cols = np.nonzero(D < scale)
-    if rows.size:
-        step = max(1, TILE_BYTES // (8 * 2 * V.shape[1]))
-        for s in range(0, rows.size, step):
-            r, q = rows[s : s + step], cols[s : s + step]
-            diff = V[a + r] - V[c + q]
-            D[r, q] = np.einsum("ij,ij->i", diff, diff)
-    return D
+    rows, cols = np.nonzero(D < CDNV_DIRECT * S)
+    step = max(1, TILE_BYTES // (8 * 2 * V.shape[1]))
+    for s in range(0, rows.size, step):
+        r, q = rows[s : s + step], cols[s : s + step]
+        diff = V[a + r] - V[c + q]
+        D[r, q] = np.einsum("ij,ij->i", diff, diff)
+    if D.size and float(D.min()) <= 0:
+        out.cdnv_zero = True
 
 
 def _etf_diagonal(norms: np.ndarray, g: float, inv_e: float) -> float:
     r = norms * norms / g - inv_e  # E_kk = 1
     return float(np.dot(r, r))
+
+
+class _Pass:
+    """The accumulation of :func:`pair_summary`: tile-sized scratch buffers reused by every
+    tile (no allocation per tile), and the sums that become a :class:`PairSummary`."""
+
+    def __init__(
+        self,
+        V: np.ndarray,
+        norms: np.ndarray,
+        var: np.ndarray | None,
+        t: int,
+        out: PairSummary,
+        with_cos: bool,
+        etf_at: float | None,
+    ) -> None:
+        self.V, self.var, self.out, self.with_cos = V, var, out, with_cos
+        self.norms, self.sq = norms, norms * norms
+        with np.errstate(divide="ignore"):
+            self.inv_n = 1.0 / norms
+        self.shift = 1.0 / (out.K - 1) if out.K > 1 else 0.0
+        self.etf_at = etf_at  # E_kl·||G||_F/||E||_F off the diagonal, or None
+        self.etf_sum = self.cdnv_sum = 0.0
+        self.bufs = [np.empty(t * t) for _ in range(5)]
+        self.masks: dict[int, np.ndarray] = {}
+
+    def _buf(self, i: int, n: int, m: int) -> np.ndarray:
+        return self.bufs[i][: n * m].reshape(n, m)
+
+    def tile(self, a: int, b: int, c: int, e: int) -> None:
+        n, m = b - a, e - c
+        G = self._buf(0, n, m)
+        np.matmul(self.V[a:b], self.V[c:e].T, out=G)
+        if a == c:
+            self._diagonal(G, a, b)
+            return
+        C, Y = self._buf(1, n, m), self._buf(2, n, m)
+        cmax = 1.0
+        out = self.out
+        if self.with_cos:
+            np.multiply(G, self.inv_n[a:b, None], out=C)
+            C *= self.inv_n[None, c:e]
+            cmax = float(C.max())
+            out.max_abs = max(out.max_abs, cmax, -float(C.min()))
+            assert out.cos is not None
+            out.cos.add_shifted(C, Y)
+            np.add(C, self.shift, out=Y)
+            np.abs(Y, out=Y)
+            out.dev_sum += float(Y.sum())
+        if self.etf_at is not None:
+            np.subtract(G, self.etf_at, out=Y)
+            y = Y.ravel()
+            self.etf_sum += 2.0 * float(np.dot(y, y))
+        if self.var is not None:
+            S, D = self._buf(3, n, m), self._buf(4, n, m)
+            np.add(self.sq[a:b, None], self.sq[None, c:e], out=S)
+            np.multiply(G, -2.0, out=D)
+            D += S
+            if cmax >= 1.0 - 2.0 * CDNV_DIRECT:  # else no pair is close (see _close_pairs)
+                _close_pairs(D, S, self.V, a, c, out)
+            np.add(self.var[a:b, None], self.var[None, c:e], out=S)
+            np.divide(S, D, out=S)
+            self.cdnv_sum += float(S.sum())
+
+    def _diagonal(self, G: np.ndarray, a: int, b: int) -> None:
+        """A diagonal tile: its strict upper triangle, picked out (K/t of the tiles)."""
+        sel = self.masks.get(b - a)
+        if sel is None:
+            sel = self.masks[b - a] = np.triu(np.ones((b - a, b - a), dtype=bool), 1)
+        out = self.out
+        g = G[sel]
+        if self.with_cos and g.size:
+            cos = (G / np.outer(self.norms[a:b], self.norms[a:b]))[sel]
+            assert out.cos is not None
+            out.cos.add(cos)
+            out.dev_sum += float(np.sum(np.abs(cos + self.shift)))
+            out.max_abs = max(out.max_abs, float(np.max(np.abs(cos))))
+        if self.etf_at is not None:
+            r = g - self.etf_at
+            self.etf_sum += 2.0 * float(np.dot(r, r))
+        if self.var is not None:
+            S = self.sq[a:b, None] + self.sq[None, a:b]
+            D = S - 2.0 * G
+            D[~sel] = np.inf  # the diagonal and the lower triangle are not pairs k < l
+            _close_pairs(D, S, self.V, a, a, out)
+            self.cdnv_sum += float(np.sum(((self.var[a:b, None] + self.var[None, a:b]) / D)[sel]))
 
 
 def pair_summary(
@@ -179,47 +284,27 @@ def pair_summary(
     """
     V = np.ascontiguousarray(V, dtype=np.float64)
     K = V.shape[0]
-    norms = np.linalg.norm(V, axis=1) if norms is None else norms
+    norms = np.linalg.norm(V, axis=1) if norms is None else np.asarray(norms, dtype=np.float64)
     t = max(1, min(K, int(tile))) if tile else tile_classes(K)
     out = PairSummary(K)
     with_cos = bool(norms.size) and bool(norms.min() > 0)
     if not with_cos:
         out.cos = None
-    g = inv_e = off_e = 0.0
+    g = 0.0
+    etf_at = None
     if etf:
-        g = math.sqrt(gram_frobenius2(V, t))
-        out.gram_norm = g
-        if g > 0:
+        g = out.gram_norm = math.sqrt(gram_frobenius2(V, t))
+        if g > 0 and K > 1:
             inv_e = math.sqrt(K - 1) / K  # 1/||E||_F
-            off_e = -inv_e / (K - 1)  # E_kl/||E||_F off the diagonal
+            # Σ (G_kl/g - E_kl/||E||)² off the diagonal = Σ (G_kl - etf_at)² / g²
+            etf_at = -inv_e / (K - 1) * g
             out.etf_sq = _etf_diagonal(norms, g, inv_e)
-    sq = norms * norms
+    acc = _Pass(V, norms, var, t, out, with_cos, etf_at)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for a, b, c, e in tiles(K, t):
+            acc.tile(a, b, c, e)
+    if out.etf_sq is not None:
+        out.etf_sq += acc.etf_sum / (g * g)
     if var is not None:
-        out.cdnv_sum = 0.0
-    shift = 1.0 / (K - 1) if K > 1 else 0.0
-    masks: dict[int, np.ndarray] = {}
-    for a, b, c, e in tiles(K, t):
-        G = V[a:b] @ V[c:e].T
-        sel = _upper(b - a, masks) if a == c else None
-
-        def pick(X: np.ndarray, sel: np.ndarray | None = sel) -> np.ndarray:
-            return X[sel] if sel is not None else X.ravel()
-
-        if with_cos:
-            cos = pick(G / np.outer(norms[a:b], norms[c:e]))
-            assert out.cos is not None
-            out.cos.add(cos)
-            if cos.size:
-                out.dev_sum += float(np.sum(np.abs(cos + shift)))
-                out.max_abs = max(out.max_abs, float(np.max(np.abs(cos))))
-        if out.etf_sq is not None:
-            r = pick(G) / g - off_e
-            out.etf_sq += 2.0 * float(np.dot(r, r))
-        if var is not None:
-            D = pick(_distances(G, sq, V, a, b, c, e))
-            if D.size and float(D.min()) <= 0:
-                out.cdnv_zero = True
-                continue
-            num = pick(var[a:b, None] + var[None, c:e])
-            out.cdnv_sum += float(np.sum(num / (2.0 * D)))
+        out.cdnv_sum = acc.cdnv_sum / 2.0
     return out
