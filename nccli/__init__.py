@@ -7,6 +7,7 @@ Python API::
     df = measure("cache/ep200.h5")          # tidy DataFrame: source, epoch, layer, metric, value
     extract(["ep200.pt"], "data.npz", arch="mlp:...", out_dir="cache/")
     result = compare(["cache/ep010.h5", "cache/ep200.h5"])   # trajectory + thresholds
+    tracker = Tracker(model, path="runs/exp1/nc.h5")   # during training: observe(loader, epoch=e)
 
 The names are imported on first use (PEP 562), so ``import nccli.stats`` or the CLI's
 ``--help`` does not pay for the extraction machinery, and no submodule depends on this
@@ -33,12 +34,13 @@ from nccli._version import __version__  # noqa: E402
 _API = {
     "ClassStats": "nccli.stats",
     "NCError": "nccli.errors",
+    "Tracker": "nccli.track",
     "compare": "nccli.compare",
     "extract": "nccli.extract",
     "measure": "nccli.measure",
 }
 
-__all__ = ["ClassStats", "NCError", "__version__", "compare", "extract", "measure"]
+__all__ = ["ClassStats", "NCError", "Tracker", "__version__", "compare", "extract", "measure"]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from nccli.compare import compare
@@ -46,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from nccli.extract import extract
     from nccli.measure import measure
     from nccli.stats import ClassStats
+    from nccli.track import Tracker
 
 
 class _Face(_types.ModuleType):

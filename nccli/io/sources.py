@@ -29,6 +29,7 @@ import numpy as np
 from nccli.errors import CacheError, DataError, UsageError
 from nccli.io._util import check_input_file, one_line
 from nccli.io.cache import SHARD, Cache, check_shard_set, is_cache
+from nccli.io.cache.run import RunFile, is_run_file
 from nccli.io.cache.state import check_shard_files
 from nccli.io.h5safe import (
     check_size,
@@ -101,6 +102,12 @@ class LayerView:
             st.update(h, y)
         return st
 
+    @property
+    def has_features(self) -> bool:
+        """Whether :meth:`batches` has features to stream (a run file recorded without
+        ``store_features`` holds statistics only)."""
+        return self.source.has_features
+
     def batches(self, chunk_rows: int = 8192) -> Batches:
         """``(features, labels)`` chunks of at most ``chunk_rows`` rows."""
         return self.source._batches(self.name, chunk_rows)
@@ -115,6 +122,7 @@ class Source:
     step: int | None
     layers: dict[str, LayerView]
     attrs: dict[str, Any]
+    has_features: bool = True
 
     def _batches(self, layer: str, chunk_rows: int) -> Batches:
         raise TypeError  # pragma: no cover - every subclass overrides it
@@ -197,6 +205,80 @@ class CacheSource(Source):
     def close(self) -> None:
         for c in self.caches:
             c.close()
+
+
+class RunSource(Source):
+    """One observation of a run file (:mod:`nccli.io.cache.run`): a source of its own,
+    with the observation's epoch and step, labelled ``<file>@ep<epoch>`` (``s<step>``)."""
+
+    def __init__(self, run: RunFile, index: int, users: list[int]) -> None:
+        self.run, self._users, self._open = run, users, True
+        obs = run.observation(index)
+        self.obs = obs
+        self.path = str(run.path)
+        self.num_classes = run.num_classes
+        self.epoch, self.step = obs.epoch, obs.step
+        self.has_features = obs.has_features
+        run_attrs = run.attrs
+        self.attrs = {
+            **{k: v for k, v in run_attrs.items() if k != "num_observations"},
+            **obs.attrs,
+            "observation": index,
+            "epoch_from": "run",
+            "step_from": "run",
+        }
+        self.layers = {}
+        for name, info in obs.layers.items():
+            wb = obs.weight(name)
+            layer = dataclasses.replace(
+                info, weight=None if wb is None else wb[0], bias=None if wb is None else wb[1]
+            )
+            view = LayerView(self, layer)
+            view._stats = obs.stats(name)
+            self.layers[name] = view
+        _compose_classifiers(list(self.layers.values()), run_attrs.get("classifier"))
+        if self.has_features:
+            obs.labels()  # validates the label range once
+
+    @property
+    def label(self) -> str:
+        name = Path(self.path).name
+        when = "" if self.epoch is None else f"ep{self.epoch}"
+        return f"{name}@{when}{'' if self.step is None else f's{self.step}'}"
+
+    def _batches(self, layer: str, chunk_rows: int) -> Batches:
+        if not self.has_features:
+            raise CacheError(
+                f"{self.label}: the run file holds no features (recorded without "
+                "store_features), only statistics; nc4, acc and ncc_acc need them: leave them "
+                "out of --metrics, or record with Tracker(store_features=True)"
+            )
+        yield from self.obs.iter_features(layer, chunk_rows)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._users[0] -= 1
+            if self._users[0] == 0:
+                self.run.close()
+
+
+def open_run(path: str | os.PathLike[str]) -> list[RunSource]:
+    """One :class:`RunSource` per observation of the run file ``path``; the file closes
+    when the last of them is closed."""
+    run = RunFile(path)
+    users = [0]
+    out: list[RunSource] = []
+    try:
+        if len(run) == 0:
+            raise CacheError(f"{path}: the run file holds no observations")
+        for i in range(len(run)):
+            out.append(RunSource(run, i, users))
+            users[0] += 1
+    except BaseException:
+        run.close()
+        raise
+    return out
 
 
 def _integer_labels(p: Path, labels: Any) -> np.ndarray:
@@ -432,7 +514,8 @@ def open_sources(
     *,
     skip_nonfinite: bool = False,
 ) -> list[Source]:
-    """Open every input; shard files ``x.rank<r>.h5`` of one run become one source.
+    """Open every input; shard files ``x.rank<r>.h5`` of one run become one source, and
+    a run file (:mod:`nccli.io.cache.run`) one source per observation.
 
     Files are merged as shards only when their attributes say they are the shards of one
     run (:func:`~nccli.io.cache.state.check_shard_files`), never by their names alone.
@@ -443,7 +526,11 @@ def open_sources(
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix in (".h5", ".hdf5") and is_cache(q))
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if q.suffix in (".h5", ".hdf5") and (is_run_file(q) or is_cache(q))
+            )
             if not found:
                 raise DataError(f"{p}: directory holds no nccli caches (*.h5)")
             expanded.extend(found)
@@ -467,6 +554,8 @@ def open_sources(
                 if len(members) > 1:
                     check_shard_files(members)
                 out.append(CacheSource(members))
+            elif first.suffix in (".h5", ".hdf5") and is_run_file(first):
+                out.extend(open_run(first))
             elif first.suffix in (".h5", ".hdf5") and is_cache(first):
                 out.append(CacheSource([first]))
             elif first.suffix in (".npz", ".h5", ".hdf5"):

@@ -81,6 +81,11 @@ class Cache:
     def _validate(self, where: str) -> None:
         f = self.h5
         spec = get_spec(f)
+        if spec.type == "nccli-run":  # nccli.io.cache.run
+            raise CacheError(
+                f"{where}: is a run file (the observations of an nccli.Tracker), not a "
+                "single-checkpoint cache; nccli measure and compare read it"
+            )
         if spec.type != ROOT and read_attr(f, "format") != ROOT:
             raise CacheError(
                 f"{where}: not an nccli cache (root attribute encoding-type is missing)"
