@@ -22,7 +22,16 @@ scatter with one GEMM), and folded into the running state with the pairwise upda
 Raw moments (``Σ hhᵀ - N μμᵀ``) are never formed: near collapse the spread is tiny beside
 the mean and the subtraction would cancel catastrophically.
 
-On a CUDA device the states live on the device and the batch never leaves it.
+Two backends, one table of states.  On the CPU the states are numpy arrays and torch is
+never imported (``measure`` on caches and feature files starts without it); torch tensors
+given to :meth:`ClassStats.update` are read as numpy arrays.  On a CUDA device (``device=``,
+or :meth:`ClassStats.to`) the states are torch tensors on the device and the batch never
+leaves it.
+
+``precision`` is the arithmetic of the one large product, the batch's centred scatter:
+``"exact"`` (default) multiplies and sums in float64; ``"fast"`` rounds the rows, centred
+in float64, to float32 and multiplies blocks of :data:`FAST_BLOCK_ROWS` rows in float32,
+summing the blocks in float64 (docs/metrics.md, "Precision of the scatter").
 
 The states are declared once, in :data:`STATES`; ``reset``, ``copy``, ``to``,
 ``state_dict`` / ``from_state_dict`` (what the cache stores, :mod:`nccli.io.cache`) and
@@ -32,110 +41,63 @@ iterate that table.  This module knows no file format.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from nccli.arrays import as_array, as_tensor, check_batch, import_torch, is_tensor
 from nccli.errors import CacheError, DataError, UsageError
 
 ArrayLike = Any  # numpy array or torch tensor
 
+__all__ = ["PRECISIONS", "STATES", "ClassStats", "State", "as_array", "as_tensor", "check_batch"]
+
+#: ``precision`` choices (``--precision``): float64 products, or float32 blocks
+PRECISIONS = ("exact", "fast")
+#: rows per float32 product under ``precision="fast"`` (the error grows with it)
+FAST_BLOCK_ROWS = 1024
+
 
 @dataclass(frozen=True)
 class State:
-    """One declared state: its name, dtype and shape as a function of ``(K, d)``."""
+    """One declared state: its name, dtype (``"int64"`` / ``"float64"``) and shape as a
+    function of ``(K, d)``."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: Callable[[int, int], tuple[int, ...]]
 
     @property
     def numpy_dtype(self) -> np.dtype:
         """Little-endian numpy dtype of the state (how it is stored)."""
-        return np.dtype("<i8" if self.dtype == torch.int64 else "<f8")
+        return np.dtype("<i8" if self.dtype == "int64" else "<f8")
+
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype of the state (imports torch)."""
+        return getattr(import_torch(), self.dtype)
 
 
 #: every state is a sum-type state merged with the pairwise update
 STATES: tuple[State, ...] = (
-    State("counts", torch.int64, lambda K, d: (K,)),
-    State("means", torch.float64, lambda K, d: (K, d)),
-    State("scatter", torch.float64, lambda K, d: (d, d)),
-    State("class_ss", torch.float64, lambda K, d: (K,)),
+    State("counts", "int64", lambda K, d: (K,)),
+    State("means", "float64", lambda K, d: (K, d)),
+    State("scatter", "float64", lambda K, d: (d, d)),
+    State("class_ss", "float64", lambda K, d: (K,)),
 )
-
-
-def as_tensor(x: ArrayLike, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A tensor view (or copy) of ``x`` on ``device``.  numpy input is made contiguous in
-    native byte order first: torch refuses big-endian data (an HDF5 file written as
-    ``>f4``) and negative strides (``h[::-1]``)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device)
-    a = np.asarray(x)
-    if a.dtype.byteorder not in ("=", "|"):
-        a = a.astype(a.dtype.newbyteorder("="))
-    return torch.as_tensor(np.ascontiguousarray(a), device=device)
-
-
-def _all_finite(h: torch.Tensor) -> bool:
-    """``isfinite(h).all()``; through numpy on the CPU, where it is several times faster."""
-    if h.device.type == "cpu" and h.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(h.numpy()).all())
-    return bool(torch.isfinite(h).all())
-
-
-def check_batch(
-    h: torch.Tensor, y: torch.Tensor, num_classes: int, dim: int, src: str = "features"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a batch: 2-D features of width ``dim``, integer labels in ``0..K-1`` of the
-    same length, finite values.  Returns ``(features, int64 labels)``; raises DataError."""
-    if h.ndim == 1 and dim == 1:
-        h = h[:, None]
-    if h.ndim > 2:
-        h = h.reshape(h.shape[0], -1)
-    if h.ndim != 2:
-        raise DataError(f"{src}: features must be a 2-D array (N, d), got shape {tuple(h.shape)}")
-    if h.shape[1] != dim:
-        raise DataError(
-            f"{src}: features have dimension {h.shape[1]} but the statistics expect {dim}"
-        )
-    y = y.reshape(-1)
-    if y.shape[0] != h.shape[0]:
-        raise DataError(
-            f"{src}: {h.shape[0]} feature rows but {y.shape[0]} labels; they must match"
-        )
-    if y.dtype.is_floating_point and not bool(torch.all(y == torch.round(y))):
-        raise DataError(f"{src}: labels are fractional floats; class labels must be integers")
-    y = y.to(torch.int64)
-    if y.numel():
-        lo, hi = int(y.min().item()), int(y.max().item())
-        if lo < 0 or hi >= num_classes:
-            raise DataError(
-                f"{src}: labels must lie in 0..{num_classes - 1}, found {lo}..{hi}; "
-                "pass the right number of classes"
-            )
-    if not h.dtype.is_floating_point:
-        h = h.to(torch.float64)
-    if h.numel() and not _all_finite(h):
-        bad = int((~torch.isfinite(h)).any(dim=1).sum().item())
-        raise DataError(
-            f"{src}: {bad} feature rows contain NaN or Inf; fix the model/inputs "
-            "or drop those samples (--skip-nonfinite)"
-        )
-    return h, y
 
 
 #: tests set this to run the device (torch) reduction on the CPU and compare both paths
 _FORCE_TORCH_PATH = False
 
 
-def _reduce_batch_torch(
-    h: torch.Tensor, y: torch.Tensor, K: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reduce_batch_torch(h: Any, y: Any, K: int) -> tuple[Any, Any, Any, Any]:
     """Batch counts, class means, centred rows and per-class sums of squares (float64), on
     the batch's device: the GPU path."""
+    torch = import_torch()
     h = h.to(torch.float64)
     cnt = torch.bincount(y, minlength=K)
     sums = torch.zeros(K, h.shape[1], dtype=torch.float64, device=h.device)
@@ -147,42 +109,75 @@ def _reduce_batch_torch(
     return cnt, bmeans, centred, bss
 
 
+def _class_sums(h: np.ndarray, y: np.ndarray, K: int) -> np.ndarray:
+    """``Σ_{i: y_i = k} h_i`` (K, d) in float64, exact per class order: one weighted
+    ``bincount`` over the flattened rows (torch's ``index_add_`` when torch is already
+    loaded: measured 2× faster)."""
+    torch = sys.modules.get("torch")
+    d = h.shape[1]
+    if torch is not None:
+        sums = torch.zeros(K, d, dtype=torch.float64)
+        sums.index_add_(0, torch.from_numpy(y), torch.from_numpy(h))
+        return sums.numpy()
+    idx = (y[:, None] * d + np.arange(d)).reshape(-1)
+    return np.bincount(idx, weights=h.reshape(-1), minlength=K * d).reshape(K, d)
+
+
 def _reduce_batch_numpy(
-    h: torch.Tensor, y: torch.Tensor, K: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same reduction as :func:`_reduce_batch_torch` with numpy on the CPU, where its
-    elementwise kernels measured 2–8× faster than torch's (this is the hot loop of
-    ``measure`` on feature files); results are handed back as zero-copy tensors."""
-    hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
-    yn = y.numpy()
-    owned = hn.dtype != np.float64
-    hn = hn.astype(np.float64, copy=False)  # a private copy unless already float64 (shared)
-    cnt = np.bincount(yn, minlength=K)
-    sums = torch.zeros(K, hn.shape[1], dtype=torch.float64)
-    sums.index_add_(0, y, torch.from_numpy(hn))
-    bmeans = sums.numpy() / np.maximum(cnt, 1)[:, None]
+    h: np.ndarray, y: np.ndarray, K: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The same reduction as :func:`_reduce_batch_torch` with numpy, whose elementwise
+    kernels measured 2–8× faster than torch's on the CPU (this is the hot loop of
+    ``measure`` on feature files)."""
+    owned = h.dtype != np.float64
+    h = h.astype(np.float64, copy=False)  # a private copy unless already float64 (shared)
+    cnt = np.bincount(y, minlength=K)
+    bmeans = _class_sums(h, y, K) / np.maximum(cnt, 1)[:, None]
     if owned:
-        hn -= bmeans[yn]  # centre in place: the float64 copy is ours
-        centred = hn
+        h -= bmeans[y]  # centre in place: the float64 copy is ours
+        centred = h
     else:
-        centred = hn - bmeans[yn]
-    bss = np.bincount(yn, weights=np.einsum("ij,ij->i", centred, centred), minlength=K)
-    return (
-        torch.from_numpy(cnt.astype(np.int64)),
-        torch.from_numpy(bmeans),
-        torch.from_numpy(centred),
-        torch.from_numpy(bss.astype(np.float64)),
-    )
+        centred = h - bmeans[y]
+    bss = np.bincount(y, weights=np.einsum("ij,ij->i", centred, centred), minlength=K)
+    return cnt.astype(np.int64), bmeans, centred, bss.astype(np.float64)
 
 
-def _gram(X: torch.Tensor) -> torch.Tensor:
-    """``XᵀX`` in float64.  On the CPU numpy's ``X.T @ X`` runs a symmetric rank-k update
-    (syrk: half the flops of a general GEMM, measured 2× faster than torch's matmul here);
-    on a GPU the matmul stays on the device."""
-    if X.device.type == "cpu":
-        Xn = X.numpy()
-        return torch.from_numpy(Xn.T @ Xn)
-    return X.T @ X
+def _gram(X: Any, precision: str = "exact") -> Any:
+    """``XᵀX`` in float64 (numpy or torch, as ``X``).  numpy's ``X.T @ X`` runs a symmetric
+    rank-k update (syrk: half the flops of a GEMM); a torch matmul stays on the device.
+    ``precision="fast"``: float32 products over blocks of :data:`FAST_BLOCK_ROWS` rows,
+    the blocks summed in float64."""
+    tensor = is_tensor(X)
+    if precision != "fast" or X.shape[0] == 0:
+        return X.T @ X if tensor or X.shape[0] else np.zeros((X.shape[1],) * 2)
+    if tensor:
+        torch = import_torch()
+        out = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+        for s in range(0, X.shape[0], FAST_BLOCK_ROWS):
+            b = X[s : s + FAST_BLOCK_ROWS].to(torch.float32)
+            out += (b.T @ b).to(torch.float64)
+        return out
+    out = np.zeros((X.shape[1], X.shape[1]))
+    for s in range(0, X.shape[0], FAST_BLOCK_ROWS):
+        b = X[s : s + FAST_BLOCK_ROWS].astype(np.float32)
+        out += b.T @ b
+    return out
+
+
+def _check_precision(precision: Any) -> str:
+    value = str(getattr(precision, "value", precision))
+    if value not in PRECISIONS:
+        raise UsageError(f"--precision {value!r}: choose one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def _torch_device(device: Any) -> Any | None:
+    """``device`` as a torch device when it is not the CPU, else None (numpy states)."""
+    if device is None:
+        return None
+    if str(getattr(device, "type", device)).split(":")[0] == "cpu":
+        return None
+    return import_torch().device(device)
 
 
 class ClassStats:
@@ -195,10 +190,14 @@ class ClassStats:
     dim:
         feature dimension ``d``.
     device:
-        where the float64 states live (``"cpu"`` by default; ``"cuda"`` accumulates on the
-        GPU so batches need not be copied to the host).
+        where the float64 states live: the CPU by default (numpy arrays, no torch);
+        ``"cuda"`` accumulates on the GPU (torch tensors) so batches need not be copied to
+        the host.
     source:
         a name used in error messages (a file path, usually).
+    precision:
+        ``"exact"`` (float64 scatter products, the default) or ``"fast"`` (float32 blocks
+        of rows centred in float64; docs/metrics.md, "Precision of the scatter").
     """
 
     #: the names of :data:`STATES`, in order
@@ -208,9 +207,10 @@ class ClassStats:
         self,
         num_classes: int,
         dim: int,
-        device: str | torch.device | None = None,
+        device: Any = None,
         *,
         source: str = "features",
+        precision: str = "exact",
     ) -> None:
         if int(num_classes) < 1:
             raise UsageError(f"{source}: num_classes must be at least 1, got {num_classes}")
@@ -218,20 +218,40 @@ class ClassStats:
             raise UsageError(f"{source}: feature dimension must be at least 1, got {dim}")
         self.num_classes = int(num_classes)
         self.dim = int(dim)
-        self.device = torch.device(device or "cpu")
+        self._device = _torch_device(device)
         self.source = source
+        self.precision = _check_precision(precision)
         self.reset()
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the states on a GPU; ``"cpu"`` (numpy states) otherwise."""
+        return "cpu" if self._device is None else self._device
+
+    @property
+    def on_torch(self) -> bool:
+        """Whether the states are torch tensors (on a non-CPU device)."""
+        return self._device is not None
 
     # ------------------------------------------------------------------ state
     def reset(self) -> ClassStats:
         """Restore the empty state."""
         K, d = self.num_classes, self.dim
         for st in STATES:
-            setattr(
-                self, f"_{st.name}", torch.zeros(st.shape(K, d), dtype=st.dtype, device=self.device)
-            )
+            if self._device is None:
+                value = np.zeros(st.shape(K, d), dtype=st.dtype)
+            else:
+                value = import_torch().zeros(
+                    st.shape(K, d), dtype=st.torch_dtype, device=self._device
+                )
+            setattr(self, f"_{st.name}", value)
         self._memo: dict[Any, Any] = {}
         return self
+
+    def _host(self, name: str) -> np.ndarray:
+        """State ``name`` as a numpy array (a view on the CPU)."""
+        v = getattr(self, f"_{name}")
+        return v.cpu().numpy() if is_tensor(v) else v
 
     def memo(self, key: Any, fn: Any) -> Any:
         """Derived quantity ``fn()`` computed once per state (cleared by update / merge).
@@ -258,25 +278,25 @@ class ClassStats:
     @property
     def n(self) -> int:
         """Total number of samples ``N``."""
-        return int(self._counts.sum().item())
+        return int(self._host("counts").sum())
 
     # The numpy views below are computed once per state and read-only.
     @property
     def counts(self) -> np.ndarray:
         """``n_k`` as an int64 numpy array (K,)."""
-        return self._frozen("counts", lambda: self._counts.cpu().numpy())
+        return self._frozen("counts", lambda: self._host("counts"))
 
     @property
     def means(self) -> np.ndarray:
         """Class means ``μ_k`` as a float64 numpy array (K, d); rows of empty classes are 0."""
-        return self._frozen("means", lambda: self._means.cpu().numpy())
+        return self._frozen("means", lambda: self._host("means"))
 
     @property
     def scatter(self) -> np.ndarray:
         """Pooled within-class scatter ``S_W = N·Σ_W`` (d, d), float64, symmetric."""
 
         def sym() -> np.ndarray:
-            s = self._scatter.cpu().numpy()
+            s = self._host("scatter")
             out = s + s.T  # symmetrise away the rounding of the accumulated GEMMs
             out *= 0.5
             return out
@@ -286,7 +306,7 @@ class ClassStats:
     @property
     def class_ss(self) -> np.ndarray:
         """Per-class sum of squared distances to the class mean, ``n_k σ_k²`` (K,)."""
-        return self._frozen("class_ss", lambda: self._class_ss.cpu().numpy())
+        return self._frozen("class_ss", lambda: self._host("class_ss"))
 
     def global_mean(self, center: str = "global") -> np.ndarray:
         """``μ_G``: sample-weighted (``"global"``) or the plain mean of the non-empty class
@@ -308,25 +328,28 @@ class ClassStats:
         return self._frozen(("global_mean", center), compute, fresh=True)
 
     # ----------------------------------------------------------------- update
-    def _check_batch(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return check_batch(h, y, self.num_classes, self.dim, self.source)
-
     def update(self, features: ArrayLike, labels: ArrayLike) -> ClassStats:
         """Fold a batch ``(features (B, d), labels (B,))`` into the statistics.
 
-        The batch is promoted to float64 on the statistics' device, reduced two-pass
-        (batch class means, then one GEMM for the centred scatter), and merged.
+        The batch is promoted to float64 where the states live, reduced two-pass (batch
+        class means, then one GEMM for the centred scatter), and merged.
         """
-        h = as_tensor(features, self.device)
-        y = as_tensor(labels, self.device)
-        h, y = self._check_batch(h, y)
+        K = self.num_classes
+        if self._device is not None:
+            h, y = as_tensor(features, self._device), as_tensor(labels, self._device)
+            h, y = check_batch(h, y, K, self.dim, self.source)
+            if h.shape[0]:
+                self._merge_parts(*_reduce_batch_torch(h, y, K))
+            return self
+        h, y = check_batch(as_array(features), as_array(labels), K, self.dim, self.source)
         if h.shape[0] == 0:
             return self
-        if self.device.type == "cpu" and not _FORCE_TORCH_PATH:
-            cnt, bmeans, centred, bss = _reduce_batch_numpy(h, y, self.num_classes)
+        if _FORCE_TORCH_PATH:
+            torch = import_torch()
+            parts = _reduce_batch_torch(torch.from_numpy(h), torch.from_numpy(y), K)
+            self._merge_parts(*(p.numpy() for p in parts))
         else:
-            cnt, bmeans, centred, bss = _reduce_batch_torch(h, y, self.num_classes)
-        self._merge_parts(cnt, bmeans, centred, bss)
+            self._merge_parts(*_reduce_batch_numpy(h, y, K))
         return self
 
     def merge(self, other: ClassStats) -> ClassStats:
@@ -338,46 +361,49 @@ class ClassStats:
                 f"cannot merge statistics of shape (K={other.num_classes}, d={other.dim}) "
                 f"into (K={self.num_classes}, d={self.dim}); were they made from the same layer?"
             )
-        dev = self.device
-        self._merge_parts(
-            other._counts.to(dev),
-            other._means.to(dev),
-            None,
-            other._class_ss.to(dev),
-            scatter=other._scatter.to(dev),
-        )
+        parts = [self._like(getattr(other, f"_{st.name}")) for st in STATES]
+        cnt, means, scatter, ss = parts
+        self._merge_parts(cnt, means, None, ss, scatter=scatter)
         return self
+
+    def _like(self, v: Any) -> Any:
+        """``v`` (a state of any backend) on this object's backend and device."""
+        if self._device is None:
+            return v.cpu().numpy() if is_tensor(v) else v
+        return as_tensor(v, self._device)
 
     def _merge_parts(
         self,
-        cnt_b: torch.Tensor,
-        means_b: torch.Tensor,
-        centred_b: torch.Tensor | None,
-        ss_b: torch.Tensor,
+        cnt_b: Any,
+        means_b: Any,
+        centred_b: Any | None,
+        ss_b: Any,
         *,
-        scatter: torch.Tensor | None = None,
+        scatter: Any | None = None,
     ) -> None:
         """Pairwise update with partition B given by counts, means, class_ss and either
-        its centred rows (then ``S_W^B`` and the cross term come from ONE GEMM) or its
-        scatter matrix."""
+        its centred rows (then ``S_W^B`` comes from ONE GEMM) or its scatter matrix.
+        The same arithmetic on numpy arrays and torch tensors."""
         cnt_a = self._counts
         n = cnt_a + cnt_b
-        na = cnt_a.to(torch.float64)
-        nb = cnt_b.to(torch.float64)
-        nn_ = n.to(torch.float64)
         both = (cnt_a > 0) & (cnt_b > 0)
+        if self._device is None:
+            na, nb, nn_ = (c.astype(np.float64) for c in (cnt_a, cnt_b, n))
+        else:
+            na, nb, nn_ = (c.double() for c in (cnt_a, cnt_b, n))
         delta = means_b - self._means
-        w = torch.zeros_like(na)
-        w[both] = na[both] * nb[both] / nn_[both]
+        w = na * nb / (nn_ + (n == 0))  # 0 where a class is in one partition only
+        w = w * both
         # new means: classes only in B take B's mean exactly, classes in neither stay 0
-        frac = torch.where(n > 0, nb / nn_.clamp_min(1.0), torch.zeros_like(nb))
+        frac = nb / (nn_ + (n == 0))
         self._means = self._means + delta * frac[:, None]
-        idx = torch.nonzero(both).reshape(-1)
-        cross = delta[idx] * w[idx].sqrt()[:, None]  # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross
-        self._scatter += _gram(centred_b) if centred_b is not None else scatter
-        if idx.numel():
-            self._scatter += _gram(cross)
-        self._class_ss += ss_b + w * (delta * delta).sum(dim=1)
+        idx = both.nonzero()[0] if self._device is None else both.nonzero().reshape(-1)
+        self._scatter += _gram(centred_b, self.precision) if centred_b is not None else scatter
+        if idx.shape[0]:
+            # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross (K×d: float64 whatever precision)
+            cross = delta[idx] * (w[idx] ** 0.5)[:, None]
+            self._scatter += cross.T @ cross
+        self._class_ss += ss_b + w * (delta * delta).sum(1)
         self._counts = n
         self._memo = {}
 
@@ -390,12 +416,13 @@ class ClassStats:
         num_classes: int | None = None,
         batch_size: int | None = None,
         *,
-        device: str | torch.device | None = None,
+        device: Any = None,
         source: str = "features",
+        precision: str = "exact",
     ) -> ClassStats:
         """Statistics of a whole array, folded in batches of ``batch_size`` (all at once
         when ``None``)."""
-        y = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).reshape(-1)
+        y = as_array(labels).reshape(-1)
         if num_classes is None:
             if y.size == 0:
                 raise DataError(f"{source}: no labels, cannot infer the number of classes")
@@ -404,7 +431,7 @@ class ClassStats:
         if len(shape) < 1:
             raise DataError(f"{source}: features must be a 2-D array (N, d)")
         dim = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        st = cls(num_classes, dim, device=device, source=source)
+        st = cls(num_classes, dim, device=device, source=source, precision=precision)
         n = shape[0]
         step = n if not batch_size else int(batch_size)
         if n != y.shape[0]:
@@ -415,16 +442,20 @@ class ClassStats:
 
     def copy(self) -> ClassStats:
         """A deep copy."""
-        out = ClassStats(self.num_classes, self.dim, self.device, source=self.source)
+        out = ClassStats(
+            self.num_classes, self.dim, self._device, source=self.source, precision=self.precision
+        )
         for st in STATES:
-            setattr(out, f"_{st.name}", getattr(self, f"_{st.name}").clone())
+            v = getattr(self, f"_{st.name}")
+            setattr(out, f"_{st.name}", v.clone() if is_tensor(v) else v.copy())
         return out
 
-    def to(self, device: str | torch.device) -> ClassStats:
-        """Move the states to ``device`` (in place) and return self."""
-        self.device = torch.device(device)
+    def to(self, device: Any) -> ClassStats:
+        """Move the states to ``device`` (in place) and return self: numpy arrays on the
+        CPU, torch tensors elsewhere."""
+        self._device = _torch_device(device)
         for st in STATES:
-            setattr(self, f"_{st.name}", getattr(self, f"_{st.name}").to(self.device))
+            setattr(self, f"_{st.name}", self._like(getattr(self, f"_{st.name}")))
         self._memo = {}
         return self
 
@@ -445,58 +476,59 @@ class ClassStats:
         for st in STATES:
             if st.name not in arrays:
                 raise CacheError(f"{source}: statistics dataset {st.name!r} is missing; re-extract")
-            a = np.asarray(arrays[st.name])
+            a = as_array(arrays[st.name])
             if a.shape != st.shape(K, d):
                 raise CacheError(
                     f"{source}: statistics {st.name!r} has shape {a.shape}, expected "
                     f"{st.shape(K, d)}; the cache is corrupt, re-extract it"
                 )
-            if a.dtype.kind not in ("iu" if st.dtype == torch.int64 else "f"):
+            if a.dtype.kind not in ("iu" if st.dtype == "int64" else "f"):
                 raise CacheError(
                     f"{source}: statistics {st.name!r} have dtype {a.dtype}; re-extract"
                 )
-            a = a.astype(st.numpy_dtype.newbyteorder("="), copy=False)
-            if (st.dtype == torch.int64 and (a < 0).any()) or not np.isfinite(a).all():
+            a = a.astype(st.numpy_dtype.newbyteorder("="), copy=not a.flags.writeable)
+            if (st.dtype == "int64" and (a < 0).any()) or not np.isfinite(a).all():
                 raise CacheError(
                     f"{source}: statistics contain negative counts or NaN/Inf; re-extract"
                 )
-            setattr(out, f"_{st.name}", torch.as_tensor(a))
-        scatter = np.asarray(out._scatter)
+            setattr(out, f"_{st.name}", a)
+        scatter = out._scatter
         if np.array_equal(scatter[:8], scatter[:, :8].T):
             # written symmetrised (state_dict): serve it as the symmetric scatter without
-            # another d×d pass; a private copy, since the tensor shares the array
+            # another d×d pass; a private copy, since the state shares the array
             sym = np.array(scatter, dtype=np.float64)
             sym.flags.writeable = False
             out._memo["scatter"] = sym
         return out
 
-    def flatten(self) -> torch.Tensor:
-        """Every state as one float64 vector (in :data:`STATES` order), for collectives."""
-        return torch.cat(
-            [getattr(self, f"_{st.name}").to(torch.float64).reshape(-1) for st in STATES]
-        )
+    def flatten(self) -> Any:
+        """Every state as one float64 torch vector (in :data:`STATES` order) on the states'
+        device, for collectives (imports torch)."""
+        torch = import_torch()
+        parts = [as_tensor(getattr(self, f"_{st.name}"), self._device or "cpu") for st in STATES]
+        return torch.cat([p.to(torch.float64).reshape(-1) for p in parts])
 
     @classmethod
     def unflatten(
-        cls, flat: torch.Tensor, num_classes: int, dim: int, *, source: str = "features"
+        cls, flat: ArrayLike, num_classes: int, dim: int, *, source: str = "features"
     ) -> ClassStats:
-        """The inverse of :meth:`flatten` (counts must be whole numbers)."""
+        """The inverse of :meth:`flatten` (counts must be whole numbers); CPU states."""
         K, d = int(num_classes), int(dim)
         out = cls(K, d, source=source)
-        flat = flat.detach().cpu().to(torch.float64)
+        flat = np.asarray(as_array(flat), dtype=np.float64).reshape(-1)
         pos = 0
         for st in STATES:
             shape = st.shape(K, d)
             n = int(np.prod(shape))
-            part = flat[pos : pos + n].reshape(shape).clone()
+            part = flat[pos : pos + n].reshape(shape).copy()
             pos += n
-            if st.dtype == torch.int64:
-                if not bool(torch.all(part == torch.round(part))):
+            if st.dtype == "int64":
+                if not np.all(part == np.round(part)):
                     raise CacheError(f"{source}: gathered {st.name} are not integers")
-                part = part.to(torch.int64)
+                part = part.astype(np.int64)
             setattr(out, f"_{st.name}", part)
-        if pos != flat.numel():
-            raise CacheError(f"{source}: {flat.numel()} gathered numbers, expected {pos}")
+        if pos != flat.size:
+            raise CacheError(f"{source}: {flat.size} gathered numbers, expected {pos}")
         return out
 
     def __repr__(self) -> str:

@@ -13,11 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import torch
 
 from nccli.errors import DataError
 from nccli.metrics import pairwise as pw
-from nccli.stats import ClassStats, as_tensor, check_batch
+from nccli.stats import ClassStats, as_array, as_tensor, check_batch, import_torch
 
 
 class Undefined(ValueError):
@@ -149,11 +148,12 @@ def _nc1_gram(stats: ClassStats, center: str, rtol: float = 1e-8) -> float | Non
         return None
     Mr = reduced_means(stats, center)
     G = reduced_gram(stats, center)
-    L, info = torch.linalg.cholesky_ex(torch.from_numpy(np.ascontiguousarray(G)))
-    if int(info) != 0:
+    try:
+        L = np.linalg.cholesky(G)
+    except np.linalg.LinAlgError:
         return None  # not positive definite: d < K-1 or coinciding means
-    eye = torch.eye(G.shape[0], dtype=torch.float64)
-    Z = torch.cholesky_solve(eye, L).numpy()  # G⁻¹ from the factor (triangular solves)
+    Li = np.linalg.solve(L, np.eye(G.shape[0]))  # L⁻¹
+    Z = Li.T @ Li  # G⁻¹ = L⁻ᵀ L⁻¹ from the factor
     cond1 = np.abs(G).sum(axis=0).max() * np.abs(Z).sum(axis=0).max()
     # κ₂(G) ≤ κ₁(G): below both bounds every singular value of M_r exceeds 10·rtol·s_max,
     # so the SVD route would keep them all too, and G⁻¹ is accurate to ~eps·κ
@@ -452,8 +452,8 @@ def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) ->
         j = np.argmax(vals, axis=1) if largest else np.argmin(vals, axis=1)
         v = np.take_along_axis(vals, j[:, None], axis=1)[:, 0]
     else:
-        j = torch.argmax(vals, dim=1) if largest else torch.argmin(vals, dim=1)
-        v = torch.gather(vals, 1, j[:, None])[:, 0]
+        j = xp.argmax(vals, dim=1) if largest else xp.argmin(vals, dim=1)
+        v = xp.gather(vals, 1, j[:, None])[:, 0]
     if best is None:
         return v, j + k0
     better = v > best if largest else v < best
@@ -481,7 +481,7 @@ def nc4_pass(
     weight: Any,
     bias: Any | None = None,
     *,
-    device: str | torch.device | None = None,
+    device: Any = None,
     budget: int = pw.TILE_BYTES,
 ) -> dict[str, float]:
     """Second chunked pass: ``nc4``, ``acc`` and ``ncc_acc``.
@@ -495,7 +495,9 @@ def nc4_pass(
     (``||h||²`` is the same for every k).  Classes without samples are never the nearest
     mean.  Computed in float64 so that ties are not created by rounding.
     """
-    dev = torch.device(device or "cpu")
+    on_cpu = str(getattr(device, "type", device or "cpu")).split(":")[0] == "cpu"
+    torch = None if on_cpu else import_torch()  # numpy on the CPU: no torch
+    dev = "cpu" if on_cpu else torch.device(device)
     Wn, bn = check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
     K = Wn.shape[0]
     b = bn if bn is not None else np.zeros(K)
@@ -507,13 +509,12 @@ def nc4_pass(
     mu_sq[stats.counts == 0] = np.inf
     # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
     b = b + Wn @ mu_g
-    on_cpu = dev.type == "cpu"
     xp = np if on_cpu else torch
     blocks: list[tuple] | None = None
     rows = 1
     n = mismatch = correct = ncc_correct = 0
     for h, y in batches:
-        h, y = as_tensor(h, dev), as_tensor(y, dev)
+        h, y = (as_array(h), as_array(y)) if on_cpu else (as_tensor(h, dev), as_tensor(y, dev))
         h, y = check_batch(h, y, K, stats.dim, stats.source)
         if blocks is None:  # tiles from the first (largest) chunk and the budget
             per_row = 8 * _NC4_TEMPS * max(1, h.shape[0])
@@ -525,10 +526,9 @@ def nc4_pass(
                 blocks = [(k0, *(torch.as_tensor(a, device=dev) for a in r)) for k0, *r in blocks]
                 mu_g_t = torch.as_tensor(mu_g, device=dev)
         if on_cpu:  # numpy: its GEMM and argmax measured faster than torch's on the CPU
-            hn = h.numpy() if h.dtype in (torch.float32, torch.float64) else h.double().numpy()
-            hc = hn.astype(np.float64)  # always a copy: centred in place
+            hc = h.astype(np.float64)  # always a copy: centred in place
             hc -= mu_g
-            yn = y.numpy()
+            yn = y
         else:
             hc = h.to(torch.float64) - mu_g_t
             yn = y.cpu().numpy()
