@@ -294,3 +294,58 @@ def test_cuda_statistics_on_the_device(tmp_path, data):
     assert {p.device.type for p in model.parameters()} == {"cuda"}
     for name in ref.last_stats:
         assert_stats_close(t.last_stats[name].copy().to("cpu"), ref.last_stats[name], name, 1e-6)
+
+
+def _ddp_rank(rank: int, world: int, port: int, data: str, run: str, errors: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(zoo.build(ARCH))
+        z = np.load(data)
+        ds = torch.utils.data.TensorDataset(torch.from_numpy(z["x"]), torch.from_numpy(z["y"]))
+        sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
+        loader = torch.utils.data.DataLoader(ds, batch_size=10, sampler=sampler)
+        tracker = nccli.Tracker(model, path=run)
+        tracker.observe(loader, epoch=0)
+        padded = torch.utils.data.Subset(ds, range(N - 1))  # odd: the sampler repeats one
+        bad = torch.utils.data.DataLoader(
+            padded, batch_size=10, sampler=torch.utils.data.DistributedSampler(padded)
+        )
+        try:
+            tracker.observe(bad, epoch=1)
+        except DataError as exc:
+            Path(f"{errors}.{rank}").write_text(str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes import torch: ~20 s
+def test_ddp_statistics_are_merged_across_ranks(tmp_path, data):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp.h5"
+    args = (2, port, str(data), str(run), str(tmp_path / "err"))
+    mp.spawn(_ddp_rank, args=args, nprocs=2, join=True)
+    torch.manual_seed(0)
+    ref = nccli.Tracker(zoo.build(ARCH), path=tmp_path / "one.h5")
+    ref.observe(_loader(data, batch_size=10), epoch=0)
+    with RunFile(run) as rf:
+        assert len(rf) == 1
+        obs = rf.observation(0)
+        assert obs.attrs["world_size"] == 2
+        for name, st in ref.last_stats.items():
+            got = obs.stats(name)
+            assert np.array_equal(got.counts, st.counts)
+            # other batches (the sampler interleaves the ranks): float32 features to rounding
+            assert_stats_close(got, st, name, rel=1e-6)
+    for rank in (0, 1):
+        assert "repeating some" in (tmp_path / f"err.{rank}").read_text()

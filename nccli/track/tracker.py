@@ -216,7 +216,7 @@ class Tracker:
     ) -> int:
         """One pass over ``loader`` in eval mode without grad; the observation is appended
         to the run file.  Returns its index in the file."""
-        _check_when(epoch, step)
+        epoch, step = _check_when(epoch, step)
         _dist.check_sampler(loader)
         dev = model_device(self.net)
         acc = None
@@ -264,7 +264,7 @@ class Tracker:
         appended when the block ends without an error; the hooks are removed either way.
         Discovery needs an input: the one of an earlier :meth:`observe`, ``probe`` here,
         or ``Tracker(probe=...)``."""
-        _check_when(epoch, step)
+        epoch, step = _check_when(epoch, step)
         if self.discovery is None:
             x = probe if probe is not None else self._probe
             if x is None:
@@ -386,9 +386,11 @@ def _when(epoch: int | None, step: int | None) -> str:
     return ("" if epoch is None else f"ep{epoch}") + ("" if step is None else f"s{step}")
 
 
-def _check_when(epoch: Any, step: Any) -> None:
+def _check_when(epoch: Any, step: Any) -> tuple[int | None, int | None]:
+    """``(epoch, step)`` as Python ints; at least one is needed, both whole numbers ≥ 0."""
     for name, v in (("epoch", epoch), ("step", step)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
             raise UsageError(f"{name} must be a whole number ≥ 0, got {v!r}")
     if epoch is None and step is None:
         raise UsageError("an observation needs epoch= (or step=): compare orders them by it")
+    return (None if epoch is None else int(epoch)), (None if step is None else int(step))

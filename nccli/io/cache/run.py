@@ -416,6 +416,10 @@ def append_observation(path: str | os.PathLike[str], model: RunModel, obs: Obser
     refuse_link(path, "path")
     path.parent.mkdir(parents=True, exist_ok=True)
     with OutputLock(path, "path"):
+        if path.exists() and not is_run_file(path):
+            raise DataError(
+                f"{path}: exists and is not an nccli run file; choose another path or delete it"
+            )
         old = RunFile(path) if path.exists() else None
         ident = None
         try:
