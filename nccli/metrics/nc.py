@@ -386,8 +386,13 @@ def nc3(weight: np.ndarray, M: np.ndarray) -> float:
         raise Undefined("the classifier weight is zero")
     if nm <= 0:
         raise Undefined("all class means coincide")
-    D = weight / nw - M / nm
-    return float(np.sum(D * D))
+    total = 0.0
+    rows = max(1, pw.TILE_BYTES // (16 * max(1, M.shape[1])))  # row blocks: no K×d temporaries
+    for s in range(0, M.shape[0], rows):
+        D = weight[s : s + rows] / nw
+        D -= M[s : s + rows] / nm
+        total += float(np.einsum("ij,ij->", D, D))
+    return total
 
 
 def nc3_cos(weight: np.ndarray, M: np.ndarray) -> float:
@@ -396,7 +401,7 @@ def nc3_cos(weight: np.ndarray, M: np.ndarray) -> float:
     nm = np.linalg.norm(M, axis=1)
     if np.any(nw <= 0) or np.any(nm <= 0):
         raise Undefined("a classifier row or centred class mean has zero norm")
-    return float(np.mean(np.sum(weight * M, axis=1) / (nw * nm)))
+    return float(np.mean(np.einsum("ij,ij->i", weight, M) / (nw * nm)))
 
 
 def check_classifier(
@@ -423,8 +428,8 @@ def check_classifier(
     return W, b
 
 
-#: float64 (rows × class-tile) temporaries of one step of the NC4 pass: the product against
-#: ``[W; μ]`` (two of them), the logits and the distances
+#: float64 (rows × class-tile) temporaries of one step of the NC4 pass: the logits and the
+#: distances, and their argmax/argmin scratch
 _NC4_TEMPS = 4
 #: the NC4 pass never uses class tiles narrower than this (rows are split instead)
 _NC4_MIN_TILE = 256
@@ -433,15 +438,13 @@ _NC4_MIN_TILE = 256
 def _nc4_blocks(
     W: np.ndarray, mu: np.ndarray, b: np.ndarray, mu_sq: np.ndarray, t: int
 ) -> list[tuple]:
-    """``[W; μ]`` cut into class tiles: ``(k0, d × 2t block [W_tileᵀ μ_tileᵀ], bias, ||μ||²)``
-    per tile (together one copy of ``W`` and ``μ``)."""
+    """``W`` and ``μ`` in class tiles: ``(k0, W_tile, μ_tile, bias, ||μ||²)`` per tile (row
+    ranges: views, no copy)."""
     K = b.size
-    out = []
-    for k0 in range(0, K, t):
-        k1 = min(K, k0 + t)
-        block = np.ascontiguousarray(np.concatenate([W[k0:k1], mu[k0:k1]], axis=0).T)
-        out.append((k0, block, b[k0:k1], mu_sq[k0:k1]))
-    return out
+    return [
+        (k0, W[k0 : k0 + t], mu[k0 : k0 + t], b[k0 : k0 + t], mu_sq[k0 : k0 + t])
+        for k0 in range(0, K, t)
+    ]
 
 
 def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) -> tuple[Any, Any]:
@@ -463,11 +466,10 @@ def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) ->
 def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any) -> tuple[Any, Any]:
     """Classifier decision and nearest mean of the centred rows ``hc``, tile by tile."""
     pred_v = pred = ncc_v = ncc = None
-    for k0, block, b, mu_sq in blocks:
-        prod = hc @ block
-        t = b.shape[0]
-        logits, dist = prod[:, :t], prod[:, t:]
+    for k0, W, mu, b, mu_sq in blocks:
+        logits = hc @ W.T
         logits += b
+        dist = hc @ mu.T
         dist *= -2.0  # exact: then ``+ ||μ||²`` rounds as ``||μ||² - 2·prod`` does
         dist += mu_sq
         pred_v, pred = _running(pred_v, pred, logits, k0, xp, largest=True)
@@ -505,7 +507,10 @@ def nc4_pass(
     # features does not eat the digits that separate the classes
     mu_g = stats.global_mean("global")
     mu = stats.means - mu_g
-    mu_sq = np.sum(mu * mu, axis=1)
+    step = max(1, budget // (8 * max(1, stats.dim)))  # row blocks: no second K×d array
+    mu_sq = np.concatenate(
+        [np.sum(mu[s : s + step] * mu[s : s + step], axis=1) for s in range(0, K, step)]
+    )
     mu_sq[stats.counts == 0] = np.inf
     # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
     b = b + Wn @ mu_g
@@ -521,7 +526,6 @@ def nc4_pass(
             t = min(K, max(_NC4_MIN_TILE, budget // per_row))
             rows = max(1, budget // (8 * _NC4_TEMPS * t))
             blocks = _nc4_blocks(Wn, mu, b, mu_sq, t)
-            mu = Wn = None  # the blocks hold the only copy the pass needs
             if not on_cpu:
                 blocks = [(k0, *(torch.as_tensor(a, device=dev) for a in r)) for k0, *r in blocks]
                 mu_g_t = torch.as_tensor(mu_g, device=dev)
