@@ -144,6 +144,12 @@ def test_state_restored_after_an_error(tmp_path, data):
         tracker.observe(broken(), epoch=0)
     assert _state(model) == before
     assert not (tmp_path / "nc.h5").exists()
+    real = model.head[0].forward
+    model.head[0].forward = lambda x: (_ for _ in ()).throw(ValueError("nan in the head"))
+    with pytest.raises(ValueError, match="nan in the head"):  # inside the model's forward
+        tracker.observe(_loader(data), epoch=0)
+    model.head[0].forward = real
+    assert _state(model) == before
     bad = [(torch.zeros(4, D), torch.tensor([0, 1, 2, 7]))]  # a label out of range
     with pytest.raises(DataError):
         tracker.observe(bad, epoch=0)
@@ -278,6 +284,14 @@ def test_corrupt_run_files_are_refused(tmp_path, data):
     with pytest.raises(DataError):
         tracker.observe([(torch.zeros(2, D), torch.tensor([0, 5]))], epoch=3)
     assert run.read_bytes() == before and not (tmp_path / "nc.h5.partial").exists()
+    (tmp_path / "nc.h5.partial").write_bytes(good)  # what a killed append leaves
+    res = runner.invoke(app, ["compare", str(tmp_path / "nc.h5.partial")])
+    assert res.exit_code == 1 and "unfinished append" in res.output
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(DataError, match="not an nccli run file"):
+        nccli.Tracker(zoo.build(ARCH), path=junk).observe(_loader(data), epoch=0)
+    assert junk.read_bytes() == b"not hdf5"
 
 
 @pytest.mark.gpu

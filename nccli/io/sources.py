@@ -547,6 +547,12 @@ def open_sources(
             first = members[0]
             if not first.exists() and not first.name.endswith(".partial"):
                 raise DataError(f"{first}: no such file")
+            if first.name.endswith(".partial") and is_run_file(first):
+                raise CacheError(
+                    f"{first}: an unfinished append to a run file (a Tracker was stopped while "
+                    f"writing it); {first.name[: -len('.partial')]} holds every observation "
+                    "made before: read that one and delete this file"
+                )
             if first.name.endswith(".partial"):
                 Cache(first)  # raises the clear "unfinished cache" error
             if key.endswith("#shards"):
