@@ -21,7 +21,8 @@ Modules: :mod:`~nccli.io.cache.encoding` (the (type, version) registry),
 :mod:`~nccli.io.cache.elements` (each element's readers and writer),
 :mod:`~nccli.io.cache.writer` (``.partial`` → rename), :mod:`~nccli.io.cache.reader`
 (validating reader, ``verify``), :mod:`~nccli.io.cache.state` (skip / resume / shard
-sets / ``describe``).  Version-1 caches (nccli 0.1.0) are still read.
+sets / ``describe``), :mod:`~nccli.io.cache.run` (the run files of ``nccli.Tracker``: one
+observation per group, appended atomically).  Version-1 caches (nccli 0.1.0) are still read.
 """
 
 from nccli.io.cache.elements import FORMAT_VERSION, stats_digest
