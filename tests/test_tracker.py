@@ -325,6 +325,8 @@ def _ddp_rank(rank: int, world: int, port: int, data: str, run: str, errors: str
         loader = torch.utils.data.DataLoader(ds, batch_size=10, sampler=sampler)
         tracker = nccli.Tracker(model, path=run)
         tracker.observe(loader, epoch=0)
+        kept = nccli.Tracker(model, path=run.replace(".h5", "_features.h5"), store_features=True)
+        kept.observe(loader, epoch=0)
         padded = torch.utils.data.Subset(ds, range(N - 1))  # odd: the sampler repeats one
         bad = torch.utils.data.DataLoader(
             padded, batch_size=10, sampler=torch.utils.data.DistributedSampler(padded)
@@ -363,3 +365,11 @@ def test_ddp_statistics_are_merged_across_ranks(tmp_path, data):
             assert_stats_close(got, st, name, rel=1e-6)
     for rank in (0, 1):
         assert "repeating some" in (tmp_path / f"err.{rank}").read_text()
+    # with store_features, rank 0 writes every rank's rows (rank order)
+    with RunFile(tmp_path / "ddp_features.h5") as rf:
+        obs = rf.observation(0)
+        assert obs.has_features and len(obs.labels()) == N
+        for name in ref.last_stats:
+            rows = np.concatenate([h for h, _ in obs.iter_features(name)])
+            again = ClassStats.from_arrays(rows, obs.labels(), K)
+            assert_stats_close(again, obs.stats(name), name, rel=1e-10)
