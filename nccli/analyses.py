@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from nccli.choices import Loss, ReportKind
 from nccli.errors import UsageError
 from nccli.metrics import METRICS, LayerContext, MetricSet, evaluate, select_metrics
 from nccli.metrics import deep_linear as deep
@@ -55,19 +56,6 @@ __all__ = [
 ]
 
 LOSSES = ("ce", "mse")
-
-
-class Loss(str, enum.Enum):
-    """``--loss``: the training loss of the run."""
-
-    ce = "ce"
-    mse = "mse"
-
-
-class ReportKind(str, enum.Enum):
-    """``measure --report``: an analysis shown instead of the metric table."""
-
-    theory = "theory"
 
 
 #: metric names of the cosine-matrix rows written by ``--geometry``

@@ -3,8 +3,11 @@
 The Python API behind ``nccli measure``.  For every source and selected layer it takes
 the statistics (stored in the cache, or streamed once) and evaluates the selected metrics
 of the registry (:mod:`nccli.metrics.registry`) on them; only when NC4-family metrics are
-wanted are the features streamed once more, in chunks with one GEMM per chunk.  Memory is
-one chunk plus ``O(d² + K·d)``; nothing is N×N or K×d×d.
+wanted are the features streamed once more, in chunks with one GEMM per chunk — unless the
+statistics were streamed and the features fit ``max_memory`` (default
+:data:`KEEP_FRACTION` of the memory, at most :data:`KEEP_MAX`): then the chunks of the first
+pass are kept for the second.  Memory is one chunk (or the kept chunks, within the budget)
+plus ``O(d² + K·d)``; nothing is N×N or K×d×d.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from nccli.heldout import around_reference, held_out_pairs, is_held_out, joint_s
 from nccli.io.sources import Source, open_sources
 from nccli.layers import head_chain
 from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
+from nccli.sizes import parse_size, physical_memory
+from nccli.stats import PRECISIONS
 
 TIDY_COLUMNS = ["source", "epoch", "layer", "metric", "value"]
+#: the default budget for keeping a layer's features between the two passes
+KEEP_FRACTION = 1 / 16
+KEEP_MAX = 1 << 30
 PER_CLASS_METRICS = ["n_k", "sigma2_k", "mu_norm", "mu_c_norm", "w_norm", "cos_w_mu", "cos_w_mu_c"]
 
 
@@ -42,6 +50,10 @@ class MeasureOptions:
     rtol: float = 1e-8
     recompute: bool = False
     chunk_rows: int = 8192
+    #: the scatter's arithmetic when statistics are streamed ("exact" | "fast")
+    precision: str = "exact"
+    #: features up to this size are kept between the passes (parse_size; None: default)
+    max_memory: str | int | float | None = None
     num_classes: int | None = None
     #: classes with fewer samples are left out of every metric (nccli.classes)
     min_class_count: int = 1
@@ -272,6 +284,8 @@ def measure(
     geometry: bool = False,
     skip_nonfinite: bool = False,
     min_class_count: int = 1,
+    precision: str = "exact",
+    max_memory: str | int | float | None = None,
 ) -> pd.DataFrame:
     """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
 
@@ -285,7 +299,10 @@ def measure(
     drops the NaN/Inf rows of feature files (a note counts them per class) instead of
     refusing the file.  Classes with no samples, or fewer than ``min_class_count``, are
     left out of every metric (:mod:`nccli.classes`; a note counts them and the
-    ``classes`` row is the number measured).
+    ``classes`` row is the number measured).  ``precision`` is the scatter's arithmetic
+    when statistics are streamed (``"exact"``: float64; ``"fast"``: float32 blocks,
+    docs/metrics.md); features up to ``max_memory`` (``"2GiB"``, bytes, ``"none"``; default
+    1/16 of the memory, at most 1 GiB) are kept in memory between the two passes.
     """
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
@@ -303,6 +320,8 @@ def measure(
         head_depth=head_depth,
         geometry=geometry,
         min_class_count=min_class_count,
+        precision=precision,
+        max_memory=max_memory,
     )
     with opened_sources(paths, opts, skip_nonfinite=skip_nonfinite) as sources:
         return measure_sources(sources, opts)
@@ -321,7 +340,16 @@ def opened_sources(
     if opts.center not in ("global", "classmean"):
         raise UsageError(f"--center must be 'global' or 'classmean', got {opts.center!r}")
     analyses.validate_options(opts)
+    opts.precision = str(getattr(opts.precision, "value", opts.precision))
+    if opts.precision not in PRECISIONS:
+        raise UsageError(
+            f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}"
+        )
+    keep = parse_size(opts.max_memory)
+    keep = min(physical_memory() * KEEP_FRACTION, KEEP_MAX) if keep is None else keep
     sources = open_sources(list(paths), num_classes=opts.num_classes, skip_nonfinite=skip_nonfinite)
+    for s in sources:
+        s.precision, s.keep_bytes = opts.precision, keep
     try:
         yield sources
     finally:

@@ -86,3 +86,33 @@ def test_sharded_torch_input_survives_cancellation(data):
     merged = shards[0].merge(shards[1]).merge(shards[2].merge(shards[3]))
     got = engine_metrics(merged)["nc1"]
     assert math.isclose(got, want, rel_tol=1e-6), (got, want)
+
+
+@pytest.mark.parametrize("batch_size", [None, 64, 7])
+def test_default_precision_pins_nc1_to_1e_7(data, batch_size):
+    """The default precision (issue 16) keeps nc1 within 1e-7 of the float64 two-pass value
+    on the cancellation data (offset 1e4, spread 1e-3)."""
+    from nccli.stats import ClassStats
+
+    H32, H64, y = data
+    want = two_pass_nc1(H64, y, K)
+    st = ClassStats.from_arrays(H32, y, K, batch_size=batch_size)
+    assert st.precision == "exact"
+    got = engine_metrics(st)["nc1"]
+    assert abs(got - want) / want <= 1e-7, (got, want, abs(got - want) / want)
+
+
+@pytest.mark.parametrize("batch_size", [None, 64])
+def test_fast_precision_errs_on_the_spread_not_the_offset(data, batch_size):
+    """``precision="fast"`` rounds the rows *after* centring them in float64, so its error
+    is a few float32 roundings of the spread (docs/metrics.md, "Precision of the
+    scatter"), not of the 1e4 offset: a float32 product of the raw rows loses every digit."""
+    from nccli.stats import ClassStats
+
+    H32, H64, y = data
+    want = two_pass_nc1(H64, y, K)
+    st = ClassStats.from_arrays(H32, y, K, batch_size=batch_size, precision="fast")
+    got = engine_metrics(st)["nc1"]
+    assert abs(got - want) / want <= 5e-6, (got, want, abs(got - want) / want)
+    with pytest.raises(Exception, match="precision"):
+        ClassStats(K, D, precision="half")

@@ -1,10 +1,14 @@
-"""The "Analyse" commands: ``measure`` and ``compare``."""
+"""The "Analyse" commands: ``measure`` and ``compare``.
+
+The library and the renderers are imported inside the commands: building the app (and
+``--help``, ``--version``) costs neither pandas nor the metric kernels.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from nccli.analyses import ReportKind
+from nccli.choices import Across, Precision, ReportKind, RunFrom
 from nccli.cli.core import (
     STATE,
     DebugAfterOpt,
@@ -30,6 +34,7 @@ from nccli.cli.options import (
     HeadDepthOpt,
     LayerOpt,
     LossOpt,
+    MeasureMaxMemoryOpt,
     MeasureMetricsOpt,
     MeasurePathsArg,
     MeasureSkipNonfiniteOpt,
@@ -38,6 +43,7 @@ from nccli.cli.options import (
     OutOpt,
     PerClassOpt,
     PlotOpt,
+    PrecisionOpt,
     RecomputeOpt,
     ReportOpt,
     RunFromOpt,
@@ -45,15 +51,6 @@ from nccli.cli.options import (
     WdFeaturesOpt,
     WideOpt,
 )
-from nccli.compare import Across, RunFrom
-from nccli.compare import compare as run_compare
-from nccli.measure import measure as run_measure
-from nccli.report.compare_table import render_compare, violation_lines
-from nccli.report.console import print_notes, status_spinner, stderr_console
-from nccli.report.output import emit
-from nccli.report.plot import check_plot_path, plot_compare
-from nccli.report.theory_table import render_theory
-from nccli.theory import theory_report
 
 
 def _fewer(option: str | None, num_classes: int | None) -> str | None:
@@ -73,6 +70,8 @@ def measure(
     per_class: PerClassOpt = False,
     center: CenterOpt = "global",
     recompute: RecomputeOpt = False,
+    precision: PrecisionOpt = Precision.exact,
+    max_memory: MeasureMaxMemoryOpt = None,
     num_classes: NumClassesOpt = None,
     min_class_count: MinClassCountOpt = 1,
     chunk_rows: ChunkRowsOpt = 8192,
@@ -98,6 +97,9 @@ def measure(
         "measure", paths, reduce=_fewer(f"--chunk-rows (now {chunk_rows})", num_classes)
     ):
         refuse_flag_values(paths)
+        from nccli.report.console import print_notes
+        from nccli.report.output import emit
+
         inputs = [str(p) for p in paths]
         setup = {
             "loss": None if loss is None else loss.value,
@@ -114,10 +116,15 @@ def measure(
             **setup,
         }
         if report is ReportKind.theory:
+            from nccli.report.theory_table import render_theory
+            from nccli.theory import theory_report
+
             df = theory_report(inputs, **common)
             emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
             print_notes(df.attrs.get("notes", []), STATE.quiet)
             return
+        from nccli.measure import measure as run_measure
+
         df = run_measure(
             inputs,
             layers=split_list(layer) or None,
@@ -125,6 +132,8 @@ def measure(
             per_class=per_class,
             geometry=geometry,
             skip_nonfinite=skip_nonfinite,
+            precision=precision.value,
+            max_memory=max_memory,
             **common,
         )
         emit(df, fmt, as_wide=as_wide, output=output)
@@ -166,7 +175,14 @@ def compare(
     """
     with user_errors("compare", paths, reduce=_fewer(None, num_classes)):
         refuse_flag_values(paths)
+        from nccli.compare import compare as run_compare
+        from nccli.report.compare_table import render_compare, violation_lines
+        from nccli.report.console import print_notes, status_spinner, stderr_console
+        from nccli.report.output import emit
+
         if plot is not None:
+            from nccli.report.plot import check_plot_path, plot_compare
+
             check_plot_path(plot)
         with status_spinner(not STATE.quiet) as progress:
             result = run_compare(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import shlex
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
+from nccli.choices import Amp, Device, DistBackend, FeatureDtype, Precision
 from nccli.cli.core import (
     STATE,
     DebugAfterOpt,
@@ -40,6 +44,7 @@ from nccli.cli.options import (
     OutDirOpt,
     OverwriteOpt,
     PoolOpt,
+    PrecisionOpt,
     ProbeDataOpt,
     ResumeOpt,
     SplitOpt,
@@ -48,12 +53,26 @@ from nccli.cli.options import (
     VerifyOpt,
 )
 from nccli.errors import DataError
-from nccli.extract import describe_cache, describe_checkpoint
-from nccli.extract import extract as run_extract
-from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
-from nccli.io.cache import is_cache, verify_cache
-from nccli.report.console import stdout_console
-from nccli.report.listing import info_json, render_info
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported on the first call: building the app (``--help``,
+    ``--version``) then loads neither torch nor h5py nor pandas."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+run_extract = _lazy("nccli.extract", "extract")
+describe_checkpoint = _lazy("nccli.extract", "describe_checkpoint")
+describe_cache = _lazy("nccli.io.cache", "describe")
+is_cache = _lazy("nccli.io.cache", "is_cache")
+verify_cache = _lazy("nccli.io.cache", "verify_cache")
+stdout_console = _lazy("nccli.report.console", "stdout_console")
+info_json = _lazy("nccli.report.listing", "info_json")
+render_info = _lazy("nccli.report.listing", "render_info")
 
 
 def _command_line() -> str:
@@ -79,6 +98,7 @@ def extract(
     layers: LayersOpt = "auto",
     pool: PoolOpt = None,
     max_memory: MaxMemoryOpt = None,
+    precision: PrecisionOpt = Precision.exact,
     device: DeviceOpt = Device.auto,
     amp: AmpOpt = Amp.off,
     batch_size: BatchSizeOpt = 256,
@@ -140,6 +160,7 @@ def extract(
                 state_key=state_key,
                 pool=None if pool is None else pool.value,
                 max_memory=max_memory,
+                precision=precision.value,
             )
         for p in paths:
             typer.echo(str(p))

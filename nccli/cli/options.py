@@ -1,9 +1,10 @@
 """The commands' arguments and options, as ``Annotated`` types (one definition each).
 
 A command's signature is then one line per option, ``name: SomeOpt = default``.  The
-choice enums are the library's own (:mod:`nccli.extract.devices`, :mod:`nccli.analyses`,
-:mod:`nccli.compare`, :mod:`nccli.report`), so the command line and the Python API accept
-the same values.
+choice enums are the library's own (:mod:`nccli.choices`, re-exported by
+:mod:`nccli.extract.devices`, :mod:`nccli.analyses`, :mod:`nccli.compare`,
+:mod:`nccli.report`), so the command line and the Python API accept the same values; they
+import without torch or pandas, so building the app costs neither.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ from typing import Annotated
 import typer
 
 from nccli._version import __version__
-from nccli.analyses import Loss, ReportKind
-from nccli.compare import Across, By, RunFrom
-from nccli.compare.depth import Fit
-from nccli.extract.devices import Amp, Device, DistBackend, FeatureDtype
-from nccli.extract.pooling import Pool
-from nccli.report import OutputFormat
+from nccli.choices import (
+    Across,
+    Amp,
+    By,
+    Device,
+    DistBackend,
+    FeatureDtype,
+    Fit,
+    Loss,
+    OutputFormat,
+    Pool,
+    Precision,
+    ReportKind,
+    RunFrom,
+)
 
 SETUP_PANEL = "Training setup"
 #: ``--num-classes`` at most: above every single-label benchmark (ImageNet-21k: 21,841);
@@ -142,6 +152,26 @@ RecomputeOpt = Annotated[
 ]
 ChunkRowsOpt = Annotated[
     int, typer.Option("--chunk-rows", help="Rows per chunk for streaming passes.", min=1)
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        case_sensitive=False,
+        help="Arithmetic of the within-class scatter's product (extract, measure "
+        "--recompute): exact (float64) or fast (rows centred in float64, multiplied in "
+        "float32 blocks; about 1e-7 relative, see docs/metrics.md).",
+    ),
+]
+MeasureMaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        metavar="SIZE",
+        help="Features that fit in SIZE are kept in memory after the statistics pass for "
+        "the nc4/acc pass (one read); larger ones are read twice: 8G, 512M, 2GiB, bytes, or "
+        "'none' (no limit; default: 1/16 of the memory, at most 1 GiB).",
+    ),
 ]
 LossOpt = Annotated[
     Loss | None,

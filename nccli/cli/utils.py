@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+from nccli.choices import OutputFormat
 from nccli.cli.core import DebugAfterOpt, QuietAfterOpt, app, user_errors
 from nccli.cli.options import FormatOpt
-from nccli.metrics import METRICS
-from nccli.report import OutputFormat
-from nccli.report.console import stdout_console
-from nccli.report.listing import metrics_frame, render_metrics
-from nccli.report.output import emit
 
 
 @app.command("metrics", rich_help_panel="Utils")
@@ -25,6 +21,11 @@ def list_metrics(
     Examples: [b]nccli metrics[/b] and [b]nccli metrics -f csv | grep nc1[/b]
     """
     with user_errors("metrics"):
+        from nccli.metrics import METRICS
+        from nccli.report.console import stdout_console
+        from nccli.report.listing import metrics_frame, render_metrics
+        from nccli.report.output import emit
+
         emit(
             metrics_frame(METRICS.values()),
             fmt or OutputFormat.table,

@@ -46,7 +46,6 @@ Modules: this one (the use case and its result), :mod:`~nccli.compare.runs` (run
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +53,7 @@ from typing import Any
 
 import pandas as pd
 
+from nccli.choices import Across, By
 from nccli.compare.arrange import arrange, collapse_notes, label_by_role, public_columns, with_fits
 from nccli.compare.runs import RunFrom, run_names, trajectory_order
 from nccli.compare.thresholds import (
@@ -89,22 +89,6 @@ __all__ = [
 #: metrics compared (and plotted) when ``metrics`` is not given: one headline per family
 DEFAULT_METRICS = ("nc1", "nc2_etf_dist_means", "nc3", "nc4")
 INDEX_COLUMNS = ("source", "run", "split", "epoch", "step", "layer")
-
-
-class Across(str, enum.Enum):
-    """``--across`` choices."""
-
-    epochs = "epochs"
-    layers = "layers"
-    runs = "runs"
-
-
-class By(str, enum.Enum):
-    """``--by`` choices: ``run`` side by side, or ``split`` (train beside held-out splits:
-    the generalisation gap, ``delta_<m>`` = held-out − train)."""
-
-    run = "run"
-    split = "split"
 
 
 # ---------------------------------------------------------------------- result

@@ -17,19 +17,14 @@ a note (two points always fit exactly; ``R²`` would say nothing).
 
 from __future__ import annotations
 
-import enum
 import math
 
 import numpy as np
 import pandas as pd
 
+from nccli.choices import Fit
+
 __all__ = ["FIT_SUFFIXES", "MIN_LAYERS", "Fit", "depth_fits", "fit_log_line"]
-
-
-class Fit(str, enum.Enum):
-    """``--fit`` choices."""
-
-    depth = "depth"
 
 
 #: the rows a fit adds per metric, in this order

@@ -14,22 +14,14 @@ order given.  A note says which rule decided.
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from nccli.choices import RunFrom
 from nccli.io.names import epoch_step_from_path, strip_epoch_step
 from nccli.io.sources import Source
-
-
-class RunFrom(str, enum.Enum):
-    """``--run-from`` choices: how a checkpoint's run name is found."""
-
-    auto = "auto"
-    dir = "dir"
-    stem = "stem"
 
 
 def _file_stem(source: Source) -> str:

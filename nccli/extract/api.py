@@ -135,6 +135,7 @@ def extract(
     state_key: str | None = None,
     pool: str | None = None,
     max_memory: str | int | float | None = None,
+    precision: str = "exact",
     eval_data: Sequence[str] | Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
@@ -147,7 +148,8 @@ def extract(
     by ``pool`` (``avg``: the default when None; ``max``, ``flatten``).  ``max_memory``
     (``"8G"``, ``"none"``; None: half the available memory) caps the planned statistics
     (:mod:`nccli.extract.plan`).  ``amp`` (``bf16``/``fp16``) needs CUDA.  ``feature_dtype``
-    is how features are stored; statistics are float64 of the stored values.  A finished
+    is how features are stored; statistics are float64 of the stored values (``precision``
+    ``"fast"``: the scatter's products in float32 blocks, docs/metrics.md).  A finished
     cache of the same checkpoint and data is skipped unless ``overwrite``; ``resume``
     continues a ``.partial``.  ``num_workers > 0`` loads (and pins) batches in a thread,
     ``2·num_workers`` ahead; ``progress=False`` silences stderr.  ``skip_nonfinite`` drops
@@ -178,6 +180,7 @@ def extract(
             notes=progress, rank=group.rank if group is not None else 0,
             world_size=group.world_size if group is not None else 1,
             skip_nonfinite=skip_nonfinite, state_key=state_key, pool=pool, max_memory=max_memory,
+            precision=str(getattr(precision, "value", precision)),
         )  # fmt: skip
         splits = [(split, str(data), None), *evals]
         return _run_splits(splits, cfg, paths, out, group, num_workers, limit, normalize)

@@ -6,11 +6,10 @@ The CLI's ``--device``, ``--amp``, ``--dtype`` and ``--dist-backend`` enums are 
 
 from __future__ import annotations
 
-import enum
-
 import torch
 from torch import nn
 
+from nccli.choices import Amp, Device, DistBackend, FeatureDtype
 from nccli.errors import UsageError
 
 __all__ = [
@@ -26,39 +25,6 @@ __all__ = [
     "resolve_device",
     "stats_device",
 ]
-
-
-class Device(str, enum.Enum):
-    """``--device``: where ``extract`` runs the forward pass (auto = cuda, then mps, then cpu)."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Amp(str, enum.Enum):
-    """``--amp``: mixed precision for the forward pass (CUDA only)."""
-
-    off = "off"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class FeatureDtype(str, enum.Enum):
-    """``--dtype``: storage dtype of cached features (statistics are always float64)."""
-
-    float32 = "float32"
-    float16 = "float16"
-
-
-class DistBackend(str, enum.Enum):
-    """``--dist-backend``: process-group backend of a torchrun extraction
-    (auto = nccl on CUDA, gloo otherwise)."""
-
-    auto = "auto"
-    gloo = "gloo"
-    nccl = "nccl"
 
 
 DEVICES = tuple(d.value for d in Device)

@@ -12,6 +12,11 @@ Per layer of ``d`` features (after pooling), ``K`` classes, ``N`` samples, batch
   statistics makes one symmetrised d×d copy, which is smaller;
 - rows in flight to the writer thread: ``(WRITE_QUEUE + 2)·B·d·item``.
 
+A language model (:mod:`nccli.extract.language`) is planned the same way with ``K`` the
+vocabulary (50,257 for GPT-2: 0.3 GB of float64 means at d = 768, and ``6·K·d`` of update
+temporaries; nothing is K×K) and ``B`` the token positions of one forward; without
+``--store-features`` it writes no features, so both the disk and the queue terms are 0.
+
 The planned peak is all statistics + the largest update's temporaries + the rows in
 flight; it counts what nccli allocates, not the model or its activations.  Over the limit
 — by default half of the memory available where the statistics live (``MemAvailable`` of
@@ -24,17 +29,16 @@ allocation or file.  (Free disk space for the features is checked by the cache w
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nccli.errors import DataError, UsageError
+from nccli.errors import DataError
 from nccli.extract.pipeline import WRITE_QUEUE
 from nccli.extract.pooling import shape_text
+from nccli.sizes import format_bytes, meminfo_available, parse_size
 
 __all__ = [
     "DEFAULT_FRACTION",
@@ -49,43 +53,6 @@ __all__ = [
 
 #: the share of the available memory the plan may use unless ``--max-memory`` is given
 DEFAULT_FRACTION = 0.5
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str | int | float | None) -> float | None:
-    """``--max-memory``: bytes, or a number with ``K M G T`` (powers of 1000) or ``KiB MiB
-    GiB TiB`` (powers of 1024), a trailing ``B`` optional; ``none`` → no limit (``inf``);
-    ``None`` → the default.  A UsageError for anything else."""
-    if text is None:
-        return None
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    elif isinstance(text, str) and text.strip().lower() in ("none", "off", "inf"):
-        return math.inf
-    else:
-        m = _SIZE.match(str(text))
-        if m is None:
-            value = -1.0
-        else:
-            unit = _UNITS[m.group(2).lower()]
-            if m.group(3):
-                unit = 1024 ** " kmgt".index(m.group(2).lower() or " ")
-            value = float(m.group(1)) * unit
-    if not value >= 1:
-        raise UsageError(
-            f"--max-memory {text!r}: give a size such as 8G, 512M, 2GiB or 1000000 (bytes), "
-            "or 'none' for no limit"
-        )
-    return value
-
-
-def format_bytes(n: float) -> str:
-    """``34.4 GB``, ``512.0 MB``, ``12.3 kB`` (powers of 1000)."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -132,12 +99,19 @@ class Plan:
 
 
 def make_plan(
-    disc: Any, num_samples: int | None, batch_size: int, feature_dtype: str = "float32"
+    disc: Any,
+    num_samples: int | None,
+    batch_size: int,
+    feature_dtype: str = "float32",
+    store_features: bool = True,
 ) -> Plan:
-    """The costs of ``disc``'s layers (a :class:`~nccli.extract.discovery.Discovery`) for
-    ``num_samples`` rows (``None``: unknown, no feature bytes)."""
+    """The costs of ``disc``'s layers (a :class:`~nccli.extract.discovery.Discovery`, or
+    anything with ``layers``, ``num_logits`` and ``shapes``) for ``num_samples`` rows
+    (``None``: unknown, no feature bytes) in updates of ``batch_size`` rows.
+    ``store_features=False`` (a language model's statistics-only cache): no feature bytes
+    on disk and no rows queued for the writer."""
     K, B = int(disc.num_logits), int(batch_size)
-    item = 2 if feature_dtype == "float16" else 4
+    item = (2 if feature_dtype == "float16" else 4) if store_features else 0
     costs = []
     for layer in disc.layers:
         d = int(layer.dim)
@@ -156,24 +130,13 @@ def make_plan(
     return Plan(costs, num_samples, K)
 
 
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def available_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
     """Bytes available where the statistics live, and what was measured."""
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return int(free), f"free on {dev}"
-    avail = _meminfo_available()
+    avail = meminfo_available()
     if avail is not None:
         return avail, "available"
     try:

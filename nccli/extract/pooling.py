@@ -21,22 +21,14 @@ beyond the storage dtype's.  What was applied is the layer's
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 
+from nccli.choices import Pool
 from nccli.errors import DataError, UsageError
 
 __all__ = ["POOL_CHOICES", "Pool", "check_pool", "pool_features", "pooled", "shape_text"]
-
-
-class Pool(str, enum.Enum):
-    """``--pool``: how a feature map ``(B, C, H, W, ...)`` becomes one vector per sample."""
-
-    avg = "avg"
-    max = "max"
-    flatten = "flatten"
 
 
 POOL_CHOICES = tuple(p.value for p in Pool)

@@ -30,7 +30,7 @@ import torch
 from rich.markup import escape
 from torch import nn
 
-from nccli.errors import CacheError, DataError, NCError
+from nccli.errors import CacheError, DataError, NCError, UsageError
 from nccli.extract.capture import Capture, drop_rows, nonfinite_rows
 from nccli.extract.devices import (
     AMP_DTYPES,
@@ -49,7 +49,7 @@ from nccli.io.cache import CacheWriter, existing_matches, partial_path, partial_
 from nccli.io.cache.state import inputs_record
 from nccli.io.cache.writer import claim_output
 from nccli.report.console import print_notes
-from nccli.stats import ClassStats
+from nccli.stats import PRECISIONS, ClassStats
 
 __all__ = ["PROBE_SAMPLES", "Runner", "Settings", "eval_mode", "row_range"]
 
@@ -79,6 +79,13 @@ class Settings:
     state_key: str | None = None  # --state-key: where in the checkpoint dict the weights are
     pool: str | None = None  # --pool for feature maps (None: avg, the default, noted)
     max_memory: str | int | float | None = None  # --max-memory (None: half the available)
+    precision: str = "exact"  # --precision: the scatter's product (nccli.stats.ClassStats)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UsageError(
+                f"--precision {self.precision!r}: choose one of {', '.join(PRECISIONS)}"
+            )
 
 
 def eval_mode(module: nn.Module) -> nn.Module:
@@ -328,6 +335,7 @@ class Runner:
             "classifier": m.disc.classifier,
             "head_depth": m.disc.head_depth if m.disc.head else None,
             "batch_size": cfg.batch_size,
+            "stats_precision": cfg.precision,
             "row_start": start,
             **shard_attrs(cfg, len(self.ds)),
             "dataset_block_rows": inputs.block,
@@ -416,7 +424,10 @@ class Runner:
         sdev = stats_device(self.cfg.device)
         K = disc.num_logits
         stats = {
-            c.name: ClassStats(K, c.dim, device=sdev, source=f"{src}:{c.name}") for c in disc.layers
+            c.name: ClassStats(
+                K, c.dim, device=sdev, source=f"{src}:{c.name}", precision=self.cfg.precision
+            )
+            for c in disc.layers
         }
         done = writer.rows_done
         B = self.cfg.batch_size

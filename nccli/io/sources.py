@@ -97,9 +97,24 @@ class LayerView:
         return self._stats
 
     def _stream(self, chunk_rows: int) -> ClassStats:
-        st = ClassStats(self.source.num_classes, self.dim, source=f"{self.source.path}:{self.name}")
+        """One pass over the features.  The chunks are kept for the next pass over this
+        layer (NC4) while they fit ``source.keep_bytes`` (one layer's at a time)."""
+        src = self.source
+        st = ClassStats(src.num_classes, self.dim, source=f"{src.path}:{self.name}")
+        st.precision = src.precision
+        kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if src.keep_bytes > 0 else None
+        size = 0
+        if src._kept is not None and src._kept[0] != self.name:
+            src._kept = None  # another layer's chunks: their pass is over
         for h, y in self.batches(chunk_rows):
             st.update(h, y)
+            size += h.nbytes + y.nbytes
+            if kept is not None and size <= src.keep_bytes:
+                kept.append((h, y))
+            else:
+                kept = None
+        if kept is not None:
+            src._kept = (self.name, chunk_rows, kept)
         return st
 
     @property
@@ -109,7 +124,11 @@ class LayerView:
         return self.source.has_features
 
     def batches(self, chunk_rows: int = 8192) -> Batches:
-        """``(features, labels)`` chunks of at most ``chunk_rows`` rows."""
+        """``(features, labels)`` chunks of at most ``chunk_rows`` rows (those kept by the
+        last pass over this layer when there are, without reading them again)."""
+        kept = self.source._kept
+        if kept is not None and kept[:2] == (self.name, chunk_rows):
+            return iter(kept[2])
         return self.source._batches(self.name, chunk_rows)
 
 
@@ -123,6 +142,9 @@ class Source:
     layers: dict[str, LayerView]
     attrs: dict[str, Any]
     has_features: bool = True
+    precision: str = "exact"  # the scatter's arithmetic when statistics are streamed
+    keep_bytes: float = 0  # bytes of one layer's chunks a pass may keep for the next (0: none)
+    _kept: tuple[str, int, list[Any]] | None = None  # (layer, chunk_rows, chunks) kept
 
     def _batches(self, layer: str, chunk_rows: int) -> Batches:
         raise TypeError  # pragma: no cover - every subclass overrides it

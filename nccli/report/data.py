@@ -8,7 +8,6 @@ reads back exactly what was computed.
 
 from __future__ import annotations
 
-import enum
 import io
 import json
 import math
@@ -17,15 +16,7 @@ from typing import IO
 
 import pandas as pd
 
-
-class OutputFormat(str, enum.Enum):
-    """``--format`` choices."""
-
-    table = "table"
-    csv = "csv"
-    tsv = "tsv"
-    json = "json"
-
+from nccli.choices import OutputFormat
 
 SPARK = "▁▂▃▄▅▆▇█"
 

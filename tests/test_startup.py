@@ -1,0 +1,81 @@
+"""The commands that read caches and feature files start without torch (issue 16).
+
+Each command runs in a fresh ``python -X importtime -m nccli ...`` and the modules it
+imported are read from stderr.  ``torch`` must never appear for ``--version``, ``measure``
+(a cache and a feature file), ``compare``, ``info CACHE`` and ``metrics``; ``pandas`` must
+not appear for ``--version`` (it stays where the commands build their DataFrame: the rows
+``measure`` and ``compare`` return to Python callers are what the CLI writes, through
+``nccli.report``; docs/performance.md, "Start-up").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nccli import ClassStats
+from nccli.io.cache import CacheWriter, LayerSpec
+
+K, N, D = 3, 90, 5
+
+
+def _cache(path, epoch: int) -> None:
+    rng = np.random.default_rng(epoch)
+    y = np.arange(N) % K
+    h = (rng.normal(size=(N, D)) + 3 * np.eye(K, D)[y]).astype(np.float32)
+    W, b = rng.normal(size=(K, D)), rng.normal(size=K)
+    spec = LayerSpec("fc", D, module="fc", depth=0, role="penultimate", weight=W, bias=b)
+    w = CacheWriter(path, [spec], N, K, attrs={"epoch": epoch, "classifier": "fc"})
+    w.write_rows(0, y, np.arange(N), {"fc": h}, logits=None)
+    w.finalize({"fc": ClassStats.from_arrays(h, y, K)})
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("startup")
+    for epoch in (1, 2):
+        _cache(root / f"ep{epoch:04d}.h5", epoch)
+    rng = np.random.default_rng(0)
+    np.savez(root / "feats.npz", features=rng.normal(size=(200, 16)), labels=np.arange(200) % 4)
+    return root
+
+
+def _imported(*args: str) -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nccli", *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = set()
+    for line in proc.stderr.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    assert "nccli" in names  # the importtime output was read
+    return names
+
+
+def test_version_imports_neither_torch_nor_pandas():
+    names = _imported("--version")
+    assert "torch" not in names
+    assert "pandas" not in names
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("measure", "ep0001.h5"),
+        ("measure", "ep0001.h5", "--recompute", "-m", "nc1,nc4"),
+        ("measure", "feats.npz"),
+        ("compare", "ep0001.h5", "ep0002.h5"),
+        ("info", "ep0001.h5"),
+        ("metrics",),
+    ],
+    ids=lambda c: " ".join(c),
+)
+def test_commands_on_caches_do_not_import_torch(inputs, command):
+    args = [str(inputs / a) if a.endswith((".h5", ".npz")) else a for a in command]
+    assert "torch" not in _imported(*args)
