@@ -442,9 +442,8 @@ class ClassStats:
 
     def copy(self) -> ClassStats:
         """A deep copy."""
-        out = ClassStats(
-            self.num_classes, self.dim, self._device, source=self.source, precision=self.precision
-        )
+        out = ClassStats(self.num_classes, self.dim, source=self.source, precision=self.precision)
+        out._device = self._device
         for st in STATES:
             v = getattr(self, f"_{st.name}")
             setattr(out, f"_{st.name}", v.clone() if is_tensor(v) else v.copy())

@@ -79,3 +79,14 @@ def test_version_imports_neither_torch_nor_pandas():
 def test_commands_on_caches_do_not_import_torch(inputs, command):
     args = [str(inputs / a) if a.endswith((".h5", ".npz")) else a for a in command]
     assert "torch" not in _imported(*args)
+
+
+def test_class_stats_on_numpy_arrays_do_not_import_torch():
+    code = (
+        "import sys, numpy as np; from nccli import ClassStats; "
+        "st = ClassStats.from_arrays(np.eye(4), np.arange(4), 4, batch_size=2); "
+        "st.merge(st.copy()); ClassStats.from_state_dict(st.state_dict(), 4, 4); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

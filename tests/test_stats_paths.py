@@ -80,3 +80,24 @@ def test_big_endian_and_reversed_arrays(tmp_path):
     a = measure(path, metrics="nc1,ncc_acc")["value"].to_numpy()
     b = measure(tmp_path / "le.npz", metrics="nc1,ncc_acc")["value"].to_numpy()
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_torch_states_match_numpy_states(precision):
+    """The torch-state path (what a CUDA device uses) run on the CPU: update, merge either
+    way, flatten/unflatten and ``to`` agree with the numpy states."""
+    H, y, K = _data(5)
+    ref = ClassStats.from_arrays(H, y, K, batch_size=64, precision=precision)
+    t = ClassStats(K, H.shape[1], precision=precision)
+    t._device = torch.device("cpu")  # torch tensors on the CPU: the device path, no GPU
+    t.reset()
+    for s in range(0, len(y), 64):
+        t.update(torch.from_numpy(H[s : s + 64]), torch.from_numpy(y[s : s + 64]))
+    assert isinstance(t._scatter, torch.Tensor) and t.on_torch
+    _assert_same(t, ref, rtol=1e-12 if precision == "exact" else 1e-6)
+    both = ref.copy().merge(ref)
+    _assert_same(t.copy().merge(ref), both, rtol=1e-12 if precision == "exact" else 1e-6)
+    _assert_same(ref.copy().merge(t), both, rtol=1e-12 if precision == "exact" else 1e-6)
+    back = ClassStats.unflatten(t.flatten(), K, H.shape[1])
+    _assert_same(back, t, rtol=0)
+    assert isinstance(t.to("cpu")._scatter, np.ndarray) and t.device == "cpu"
