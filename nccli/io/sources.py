@@ -40,6 +40,7 @@ from nccli.io.h5safe import (
     open_failure,
     open_input,
 )
+from nccli.io.keep import kept_batches, stream_stats
 from nccli.io.names import epoch_step_from_name
 from nccli.layers import Layer, compose_classifiers, head_chain
 from nccli.stats import ClassStats
@@ -97,25 +98,11 @@ class LayerView:
         return self._stats
 
     def _stream(self, chunk_rows: int) -> ClassStats:
-        """One pass over the features.  The chunks are kept for the next pass over this
-        layer (NC4) while they fit ``source.keep_bytes`` (one layer's at a time)."""
-        src = self.source
-        st = ClassStats(src.num_classes, self.dim, source=f"{src.path}:{self.name}")
-        st.precision = src.precision
-        kept: list[tuple[np.ndarray, np.ndarray]] | None = [] if src.keep_bytes > 0 else None
-        size = 0
-        if src._kept is not None and src._kept[0] != self.name:
-            src._kept = None  # another layer's chunks: their pass is over
-        for h, y in self.batches(chunk_rows):
-            st.update(h, y)
-            size += h.nbytes + y.nbytes
-            if kept is not None and size <= src.keep_bytes:
-                kept.append((h, y))
-            else:
-                kept = None
-        if kept is not None:
-            src._kept = (self.name, chunk_rows, kept)
-        return st
+        """One pass over the features; the chunks are kept for the next pass over this
+        layer (NC4) when they fit ``source.keep_bytes`` (:mod:`nccli.io.keep`)."""
+        st = ClassStats(self.source.num_classes, self.dim, source=f"{self.source.path}:{self.name}")
+        st.precision = self.source.precision
+        return stream_stats(self, st, chunk_rows)
 
     @property
     def has_features(self) -> bool:
@@ -126,10 +113,8 @@ class LayerView:
     def batches(self, chunk_rows: int = 8192) -> Batches:
         """``(features, labels)`` chunks of at most ``chunk_rows`` rows (those kept by the
         last pass over this layer when there are, without reading them again)."""
-        kept = self.source._kept
-        if kept is not None and kept[:2] == (self.name, chunk_rows):
-            return iter(kept[2])
-        return self.source._batches(self.name, chunk_rows)
+        kept = kept_batches(self, chunk_rows)
+        return kept if kept is not None else self.source._batches(self.name, chunk_rows)
 
 
 class Source:
