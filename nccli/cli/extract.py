@@ -38,6 +38,7 @@ from nccli.cli.options import (
     LayersOpt,
     LimitOpt,
     MaxMemoryOpt,
+    MaxTokensOpt,
     ModelOpt,
     NormalizeOpt,
     NumWorkersOpt,
@@ -47,8 +48,10 @@ from nccli.cli.options import (
     PrecisionOpt,
     ProbeDataOpt,
     ResumeOpt,
+    SeqLenOpt,
     SplitOpt,
     StateKeyOpt,
+    StoreFeaturesOpt,
     TrustOpt,
     VerifyOpt,
 )
@@ -87,6 +90,11 @@ def _smaller(batch_size: int, num_workers: int) -> str:
     return hint
 
 
+def _lm_options(store_features: bool, max_tokens: int | None, seq_len: int | None) -> dict:
+    """The language-model options given (``--model hf``; refused for other models)."""
+    return {"store_features": store_features, "max_tokens": max_tokens, "seq_len": seq_len}
+
+
 @app.command(rich_help_panel="Extract")
 def extract(
     checkpoints: CheckpointsArg,
@@ -114,6 +122,9 @@ def extract(
     dist_backend: DistBackendOpt = DistBackend.auto,
     dist_timeout: DistTimeoutOpt = 30.0,
     skip_nonfinite: ExtractSkipNonfiniteOpt = False,
+    store_features: StoreFeaturesOpt = False,
+    max_tokens: MaxTokensOpt = None,
+    seq_len: SeqLenOpt = None,
     quiet: QuietAfterOpt = False,
     debug: DebugAfterOpt = False,
 ) -> None:
@@ -128,7 +139,7 @@ def extract(
     -o cache[/b], [b]nccli extract ckpt.pt -d cifar10/ --normalize cifar10 --model
     mypkg.nets:build -o cache --limit 5000[/b] and [b]nccli extract checkpoint/ckpt.pth -d
     cifar10/ --normalize cifar10 --model models/resnet.py:ResNet18:num_classes=10
-    --state-key net -o cache[/b]
+    --state-key net -o cache[/b]; language models: [b]--model hf runs/checkpoint-* -d tokens.npy[/b]
     """
     with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
         refuse_flag_values(checkpoints)
@@ -161,6 +172,7 @@ def extract(
                 pool=None if pool is None else pool.value,
                 max_memory=max_memory,
                 precision=precision.value,
+                lm=_lm_options(store_features, max_tokens, seq_len),
             )
         for p in paths:
             typer.echo(str(p))

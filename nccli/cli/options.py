@@ -328,7 +328,8 @@ ModelOpt = Annotated[
         help="Callable returning the nn.Module: 'pkg.module:factory' or a file "
         "'path/to/file.py:Class', optionally with arguments as for --arch, e.g. "
         "'models/resnet.py:ResNet18:num_classes=10'; a required num_classes or input size "
-        "left out is read from the checkpoint.",
+        "left out is read from the checkpoint. 'hf': the checkpoints are Hugging Face "
+        "causal-LM folders (next-token NC over the vocabulary; needs nccli[transformers]).",
     ),
 ]
 StateKeyOpt = Annotated[
@@ -479,6 +480,34 @@ ExtractSkipNonfiniteOpt = Annotated[
         help="Drop samples with NaN/Inf features or logits in any layer from every layer "
         "(counted per class: a note and the skipped_nonfinite attribute) instead of "
         "failing.",
+    ),
+]
+
+StoreFeaturesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--store-features",
+        metavar=FLAG,
+        help="Language models (--model hf): also cache every token's features (N×d; by "
+        "default only the statistics and the LM head: nc4/acc/ncc_acc, which stream the "
+        "features again, are then unavailable).",
+    ),
+]
+MaxTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        min=1,
+        help="Language models: use the first N next-token samples (positions), in order.",
+    ),
+]
+SeqLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--seq-len",
+        min=2,
+        help="Language models: cut a text file (or a 1-D array of token ids) into "
+        "sequences of this many tokens; required for text.",
     ),
 ]
 

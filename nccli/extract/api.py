@@ -17,10 +17,11 @@ import numpy as np
 from nccli.errors import DataError, UsageError
 from nccli.extract import distributed as dist_mod
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, resolve_device
+from nccli.extract.language import LMOptions, extract_lm, is_hf_spec, lm_folders
 from nccli.extract.plan import parse_size
 from nccli.extract.pooling import check_pool
 from nccli.extract.runner import Runner, Settings
-from nccli.report.console import print_notes, progress_bar
+from nccli.report.console import print_notes, progress_bar, stderr_console
 
 __all__ = ["cache_path", "extract"]
 
@@ -137,6 +138,7 @@ def extract(
     max_memory: str | int | float | None = None,
     precision: str = "exact",
     eval_data: Sequence[str] | Mapping[str, str] | None = None,
+    lm: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Extract features and statistics of every checkpoint into ``out_dir/<stem>.h5``.
 
@@ -162,18 +164,17 @@ def extract(
     Under ``torchrun`` with ``WORLD_SIZE > 1`` (``distributed=None`` detects it) each rank
     extracts a disjoint shard ``<stem>.rank<r>.h5``; rank 0 merges and checks the ranks'
     statistics (:mod:`nccli.extract.distributed`; ``dist_backend`` auto/gloo/nccl,
-    ``dist_timeout`` minutes).  Returns this rank's shard paths then.
+    ``dist_timeout`` minutes).  Returns this rank's shard paths then.  ``model="hf"``: language models, ``lm`` their options (:func:`_lm_options`).
     """
+    checkpoints, model, lmo = _lm_options(checkpoints, model, lm)
     opts = (amp, batch_size, feature_dtype, limit, num_workers, arch, model, pool, max_memory)
     paths = _check_options(checkpoints, *opts)
     evals = parse_eval_data(eval_data, split)
     dev = resolve_device(device)
     group = _join_group(dev, distributed, dist_backend, dist_timeout)
-    if group is not None:
-        dev = group.device
+    dev = group.device if group is not None else dev
     try:
-        out = Path(out_dir)
-        _check_run(amp, dev, paths, out)
+        _check_run(amp, dev, paths, out := Path(out_dir))
         cfg = Settings(
             dev, amp, batch_size, feature_dtype, layers, arch, model, trust_checkpoint,
             resume, overwrite, command if command is not None else shlex.join(sys.argv),
@@ -183,10 +184,68 @@ def extract(
             precision=str(getattr(precision, "value", precision)),
         )  # fmt: skip
         splits = [(split, str(data), None), *evals]
-        return _run_splits(splits, cfg, paths, out, group, num_workers, limit, normalize)
+        return _run_splits(splits, cfg, paths, out, group, num_workers, limit, normalize, lmo)
     finally:
         if group is not None:
             group.close()
+
+
+def _lm_options(
+    checkpoints: Sequence[Any], model: str | None, lm: Mapping[str, Any] | None
+) -> tuple[Sequence[Any], str | None, LMOptions | None]:
+    """``model="hf"`` (or ``"hf:FOLDER"``): the checkpoints are Hugging Face causal-LM
+    folders and the data token ids or text (:mod:`nccli.extract.language`); ``lm`` takes
+    ``store_features`` (keep the features; by default only statistics), ``max_tokens``
+    (bound the samples) and ``seq_len`` (cut text or a 1-D stream).  Returns the folders,
+    no model spec and the options; for other models the checkpoints, the spec and None
+    (the LM-only options refused)."""
+    given = {k: v for k, v in (lm or {}).items() if v not in (None, False)}
+    unknown = sorted(set(given) - set(LMOptions.__dataclass_fields__))
+    if unknown:
+        raise UsageError(f"lm: unknown options {', '.join(unknown)}")
+    if not is_hf_spec(model):
+        if given:
+            used = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+            raise UsageError(f"{used}: only for a language model (--model hf)")
+        return checkpoints, model, None
+    opts = LMOptions(**given)
+    if opts.max_tokens is not None and opts.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be a positive integer, got {opts.max_tokens}")
+    if opts.seq_len is not None and opts.seq_len < 2:
+        raise UsageError(f"--seq-len must be at least 2 tokens, got {opts.seq_len}")
+    folders = lm_folders([Path(p) for p in checkpoints], str(model))
+    return [str(p) for p in folders], None, opts
+
+
+def _run_lm(
+    splits: list[tuple[str, str, str | None]],
+    cfg: Settings,
+    paths: list[Path],
+    out: Path,
+    group: dist_mod.Group | None,
+    limit: int | None,
+    normalize: str | None,
+    opts: LMOptions,
+) -> list[Path]:
+    """Language-model folders over token data (one process); the options that only
+    image models take are refused."""
+    given = {"--arch": cfg.arch, "--state-key": cfg.state_key, "--pool": cfg.pool,
+             "--eval-data": splits[1:] or None, "--limit": limit, "--normalize": normalize,
+             "--skip-nonfinite": cfg.skip_nonfinite or None}  # fmt: skip
+    bad = [k for k, v in given.items() if v is not None]
+    if bad:
+        raise UsageError(
+            f"{', '.join(bad)}: not used for a language model (--model hf); leave "
+            f"{'it' if len(bad) == 1 else 'them'} out"
+        )
+    if group is not None:
+        raise UsageError("--model hf: language models are extracted in one process, not torchrun")
+    (split, data, _), console = splits[0], stderr_console()
+
+    def note(text: str) -> None:
+        print_notes([text], quiet=not cfg.notes, console=console, escape_text=True)
+
+    return extract_lm(paths, data, split, cfg, out, opts, note)
 
 
 def _run_splits(
@@ -198,10 +257,15 @@ def _run_splits(
     num_workers: int,
     limit: int | None,
     normalize: str | None,
+    lm: LMOptions | None = None,
 ) -> list[Path]:
     """Every checkpoint over the training data, then over each held-out split (its caches
-    in the folder ``out/<name>``); each dataset is opened once."""
+    in the folder ``out/<name>``); each dataset is opened once.  ``lm``: language-model
+    folders over token data instead (:func:`_run_lm`)."""
     from nccli.io.datasets import open_dataset
+
+    if lm is not None:
+        return _run_lm(splits, cfg, paths, out, group, limit, normalize, lm)
 
     written: list[Path] = []
     for name, spec, sub_out in splits:

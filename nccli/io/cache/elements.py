@@ -200,20 +200,27 @@ register_read(IOSpec(LAYER, "2"))(_read_layer)
 
 @register_write(IOSpec(LAYER, FORMAT_VERSION))
 def _write_layer(
-    g: Any, layer: Layer, *, num_samples: int, dtype: str, compression: str | None
+    g: Any,
+    layer: Layer,
+    *,
+    num_samples: int,
+    dtype: str,
+    compression: str | None,
+    features: bool = True,
 ) -> None:
     for key in LAYER_ATTRS:
         g.attrs[key] = getattr(layer, key)
     N = num_samples
     # chunks of ~1 MB rows-first: measure streams whole rows in order
     crow = max(1, min(N, max(64, (1 << 20) // (layer.dim * 4))))
-    g.create_dataset(
-        "features",
-        shape=(N, layer.dim),
-        dtype=dtype,
-        chunks=(crow, layer.dim),
-        compression=compression,
-    )
+    if features:  # without: statistics (and parameters) only, a language model's default
+        g.create_dataset(
+            "features",
+            shape=(N, layer.dim),
+            dtype=dtype,
+            chunks=(crow, layer.dim),
+            compression=compression,
+        )
     # parameters keep their precision (float64 stays float64; halves are widened)
     for key in ("weight", "bias"):
         value = getattr(layer, key)
@@ -281,6 +288,7 @@ def _write_root(
     logits: bool,
     chunk_rows: int,
     compression: str | None,
+    features: bool = True,
 ) -> None:
     for k, v in attrs.items():
         if v is not None:
@@ -301,6 +309,7 @@ def _write_root(
             num_samples=N,
             dtype=dtype,
             compression=compression,
+            features=features,
         )
 
 

@@ -182,7 +182,12 @@ class Cache:
         with _reading(str(self.path), f"/{key}"):
             present = key in self.h5
         if not present:
-            raise CacheError(f"{self.path}: layer {layer!r} was cached without features")
+            raise CacheError(
+                f"{self.path}: layer {layer!r} was cached without features (statistics only, "
+                "the default for language models), and nc4, acc, ncc_acc and --recompute "
+                "stream them again; measure other metrics (-m nc1,nc2,nc3) or re-extract "
+                "with --store-features"
+            )
         N = self.num_samples
         for start in range(0, N, chunk_rows):
             sl = slice(start, min(N, start + chunk_rows))

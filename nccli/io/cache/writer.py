@@ -171,6 +171,8 @@ class CacheWriter:
     compression: str | None = None
     chunk_rows: int = 1024
     resume: bool = False
+    #: False: no ``features`` dataset per layer (statistics and parameters only)
+    features: bool = True
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -234,7 +236,8 @@ class CacheWriter:
         """About how large the finished cache will be (uncompressed)."""
         N, K = self.num_samples, self.num_classes
         item = 2 if self.feature_dtype == "float16" else 4
-        per_row = 16 + (4 * K if self.logits else 0) + sum(s.dim for s in self.layers) * item
+        dims = sum(s.dim for s in self.layers) if self.features else 0
+        per_row = 16 + (4 * K if self.logits else 0) + dims * item
         fixed = sum(8 * (s.dim * s.dim + K * s.dim + 2 * K) for s in self.layers)
         fixed += sum(
             np.asarray(v).size * 8 for s in self.layers for v in (s.weight, s.bias) if v is not None
@@ -294,6 +297,7 @@ class CacheWriter:
             logits=self.logits,
             chunk_rows=self.chunk_rows,
             compression=self.compression,
+            features=self.features,
         )
 
     def _check_resumable(self) -> None:
@@ -383,7 +387,8 @@ class CacheWriter:
             if key in f:
                 f[key].resize(n, axis=0)
         for spec in self.layers:
-            f[f"layers/{spec.name}/features"].resize(n, axis=0)
+            if f"layers/{spec.name}/features" in f:
+                f[f"layers/{spec.name}/features"].resize(n, axis=0)
         f.attrs["num_samples"] = n
         self.num_samples = n
 
