@@ -21,7 +21,7 @@ from nccli.extract.language import LMOptions, extract_lm, is_hf_spec, lm_folders
 from nccli.extract.plan import parse_size
 from nccli.extract.pooling import check_pool
 from nccli.extract.runner import Runner, Settings
-from nccli.report.console import print_notes, progress_bar, stderr_console
+from nccli.report.console import print_notes, progress_bar
 
 __all__ = ["cache_path", "extract"]
 
@@ -240,12 +240,13 @@ def _run_lm(
         )
     if group is not None:
         raise UsageError("--model hf: language models are extracted in one process, not torchrun")
-    (split, data, _), console = splits[0], stderr_console()
+    split, data, _ = splits[0]
+    with progress_bar(cfg.notes) as bar:
 
-    def note(text: str) -> None:
-        print_notes([text], quiet=not cfg.notes, console=console, escape_text=True)
+        def note(text: str) -> None:
+            print_notes([text], quiet=not cfg.notes, console=bar.console, escape_text=True)
 
-    return extract_lm(paths, data, split, cfg, out, opts, note)
+        return extract_lm(paths, data, split, cfg, out, opts, note, bar)
 
 
 def _run_splits(

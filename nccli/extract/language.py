@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import nn
 
 from nccli.errors import DataError, UsageError
@@ -266,14 +267,22 @@ class _Job:
     used: tuple[int, int, int]
     digest: str
     src: str
+    progress: Any = None
 
 
 def extract_lm(
-    paths: list[Path], data: str, split: str, cfg: Any, out: Path, opts: LMOptions, note: Any
+    paths: list[Path],
+    data: str,
+    split: str,
+    cfg: Any,
+    out: Path,
+    opts: LMOptions,
+    note: Any,
+    progress: Any = None,
 ) -> list[Path]:
     """Every model folder over the token data; the cache paths (module docstring).
     ``cfg`` is the :class:`~nccli.extract.runner.Settings` of the call, ``note`` prints
-    one note."""
+    one note, ``progress`` (a rich Progress, or None) shows the samples done."""
     if cfg.resume:
         note("--resume: a language-model extraction starts over (it keeps no partial rows)")
     written: list[Path] = []
@@ -297,7 +306,7 @@ def extract_lm(
         if m.pad_id is not None and sc.pad_left_out:
             note(f"{src}: left out {sc.pad_left_out} positions whose token or next token is "
                  f"the pad id {m.pad_id} (pad_token_id in config.json)")  # fmt: skip
-        job = _Job(m, toks, sc, used, _digest(sc, toks, used, m.pad_id), src)
+        job = _Job(m, toks, sc, used, _digest(sc, toks, used, m.pad_id), src, progress)
         out_path = lm_cache_path(out, folder, paths)
         written.append(_one(job, cfg, opts, out_path, data, split, note))
     return written
@@ -416,6 +425,8 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
              for i in _ordered(m) if i is not None]  # fmt: skip
     T = job.toks.shape[1]
     bg, row, cuda = BackgroundWriter(writer), 0, dev.type == "cuda"
+    bar = job.progress
+    task = None if bar is None else bar.add_task(escape(Path(job.src).name), total=job.used[1])
     autocast = (torch.autocast(device_type="cuda", dtype=amp)
                 if cuda and amp is not None else contextlib.nullcontext())  # fmt: skip
     try:
@@ -438,8 +449,12 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
             bg.submit(Rows(row, y.cpu().numpy(), pos, host, torch.empty(0), ready))
             row += int(keep.sum())
             seen.clear()
+            if task is not None:
+                bar.update(task, advance=int(keep.sum()))
     finally:
         for h in hooks:
             h.remove()
         bg.close()
+        if task is not None:
+            bar.update(task, visible=False)
     return stats
