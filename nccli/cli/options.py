@@ -160,7 +160,7 @@ PrecisionOpt = Annotated[
         case_sensitive=False,
         help="Arithmetic of the within-class scatter's product (extract, measure "
         "--recompute): exact (float64) or fast (rows centred in float64, multiplied in "
-        "float32 blocks; about 1e-7 relative, see docs/metrics.md).",
+        "float32 blocks: nc1 to a few 1e-7 relative, see docs/metrics.md).",
     ),
 ]
 MeasureMaxMemoryOpt = Annotated[
