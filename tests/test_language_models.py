@@ -263,3 +263,16 @@ def test_text_needs_seq_len_and_uses_the_model_tokenizer(lm, tmp_path):
     ids = np.array([vocab[w] for w in text.split()][:90]).reshape(3, 30)
     with Cache(tmp_path / "c" / "with-tokenizer.h5") as c:
         np.testing.assert_array_equal(c.labels(), ids[:, 1:].reshape(-1))
+
+
+def test_info_on_a_model_folder(lm):
+    res = runner.invoke(
+        app, ["info", str(lm["model"]), "--model", "hf", "--layers", "blocks", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    desc = json.loads(res.stdout)
+    assert desc["num_logits"] == VOCAB and desc["classifier"] == "lm_head"
+    assert desc["step"] == 100 and desc["format"] == "huggingface"
+    assert [r["name"] for r in desc["layers"]] == ["hidden.0", "hidden.1", "lm_head"]
+    # K×d means per layer, no K×K: 8·(d² + K·d + 2K) bytes
+    assert desc["layers"][-1]["stats_bytes"] == 8 * (32 * 32 + VOCAB * 32 + 2 * VOCAB)

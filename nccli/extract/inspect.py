@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from nccli.errors import DataError, UsageError
 from nccli.extract.devices import input_dtype, resolve_device
 from nccli.extract.discovery import discover_layers
+from nccli.extract.language import describe_lm, is_hf_spec
 from nccli.extract.plan import check_plan, format_bytes, make_plan, memory_limit
 from nccli.extract.runner import PROBE_SAMPLES, eval_mode
 from nccli.io.cache import describe as describe_cache
@@ -95,6 +97,8 @@ def describe_checkpoint(
 
     if arch is not None and model is not None:
         raise UsageError("pass either --arch or --model, not both")
+    if is_hf_spec(model):  # a language model folder (nccli.extract.language)
+        return _describe_lm(path, layers, trust_checkpoint, max_memory, batch_size)
     dev = resolve_device(device)
     loaded = load_model(
         path,
@@ -128,6 +132,18 @@ def describe_checkpoint(
         "plan": plan,
         "layers": [{**r, **layer_costs[r["name"]].row()} for r in disc.rows()],
     }
+
+
+def _describe_lm(
+    path: Any, layers: Any, trust: bool, max_memory: Any, batch_size: int
+) -> dict[str, Any]:
+    """``describe_checkpoint`` of a Hugging Face causal-LM folder: its layers and their
+    statistics plan (K = the vocabulary; ``batch_size`` token positions per update)."""
+    head, records = describe_lm(path, layers, trust)
+    disc = SimpleNamespace(layers=records, num_logits=head["num_logits"], shapes={})
+    plan, line, costs = _plan(disc, None, batch_size, max_memory, str(path))
+    rows = [{**r.row(), **costs[r.name].row()} for r in records]
+    return {**head, "memory_plan": line, "plan": plan, "layers": rows}
 
 
 def _plan(

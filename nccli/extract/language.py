@@ -51,7 +51,15 @@ from nccli.io.datasets.tokens import Tokens, TokenScan, open_tokens, scan
 from nccli.layers import Layer
 from nccli.stats import ClassStats
 
-__all__ = ["LMOptions", "extract_lm", "is_hf_spec", "lm_cache_path", "lm_folders", "lm_layers"]
+__all__ = [
+    "LMOptions",
+    "describe_lm",
+    "extract_lm",
+    "is_hf_spec",
+    "lm_cache_path",
+    "lm_folders",
+    "lm_layers",
+]
 
 #: tokens of the probe that checks what the LM head reads
 _PROBE_TOKENS = 16
@@ -221,6 +229,28 @@ def _check_head_input(m: _LM, ids: np.ndarray, dev: torch.device, src: str) -> N
             "state (the model transforms it in between), so nccli cannot tell which "
             "features the head classifies; this architecture is not supported"
         )
+
+
+def describe_lm(folder: Path, layers: Any, trust: bool) -> tuple[dict[str, Any], list[Layer]]:
+    """``nccli info FOLDER --model hf``: what the folder is and the layers ``extract``
+    would cache (loaded on the CPU; nothing is run)."""
+    m = _open_model(Path(folder), layers, trust, torch.device("cpu"))
+    lo = m.loaded
+    head = {
+        "path": str(folder),
+        "format": "huggingface",
+        "arch": lo.arch,
+        "epoch": lo.epoch,
+        "step": lo.step,
+        "sha256": lo.sha256,
+        "num_logits": m.vocab,
+        "classifier": m.head_name if None in m.picked else None,
+        "head_depth": 0 if None in m.picked else None,
+        "blocks": f"{m.blocks_name} ({m.n_blocks})" if m.blocks is not None else None,
+        "max_positions": m.max_positions,
+        "pad_token_id": m.pad_id,
+    }
+    return head, _records(m)
 
 
 # ----------------------------------------------------------------------- tokens

@@ -156,6 +156,11 @@ def _check_file(p: Path) -> None:
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint file; check the path")
     if p.is_dir():
+        if (p / "config.json").is_file():  # a Hugging Face model folder
+            raise CheckpointError(
+                f"{p}: is a directory holding config.json; for a Hugging Face causal LM pass "
+                "--model hf, else the checkpoint file inside it"
+            )
         raise CheckpointError(f"{p}: is a directory; pass the checkpoint file inside it")
     try:
         check_input_file(p, "checkpoint")
