@@ -226,8 +226,13 @@ def test_stats_only_run_and_refusals(tmp_path, data):
         tracker.observe([{"x": torch.zeros(2, D)}], epoch=5)
     res = _csv(runner.invoke(app, ["compare", str(run), "-f", "csv", "-m", "nc1,nc3"]))
     assert len(res) == 2 * 2 * 2
-    res = runner.invoke(app, ["compare", str(run), "-m", "nc4"])
-    assert res.exit_code != 0 and "store_features" in res.output
+    # nc4 needs the features: nan with the reason, not a failure (the default metrics)
+    res = runner.invoke(app, ["compare", str(run), "-f", "csv"])
+    assert res.exit_code == 0, res.output
+    nc4 = _csv(res).query("metric == 'nc4'")["value"]
+    assert len(nc4) and nc4.isna().all()
+    assert "no features for a second pass" in res.stderr
+    assert "store_features=True" in res.stderr
     other = nccli.Tracker(zoo.build(f"mlp:in_dim={D},widths=5,num_classes={K}"), path=run)
     with pytest.raises(DataError, match="other layers or classes"):
         other.observe(_loader(data), epoch=9)

@@ -100,7 +100,11 @@ class LayerContext:
             chain=chain,
             position=deep.chain_position(view, chain),
             layer_weight=view.weight,
-            batches=lambda: view.batches(chunk_rows),
+            # a stats-only source (a run file, an LM cache) has no features to stream again:
+            # the pass-needing metrics are nan with that reason
+            batches=(lambda: view.batches(chunk_rows))
+            if getattr(view, "has_features", True)
+            else None,
         )
 
     @property

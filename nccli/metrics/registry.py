@@ -194,7 +194,10 @@ def feature_pass(ctx: LayerContext) -> dict[str, float]:
 
     def run() -> dict[str, float]:
         if ctx.batches is None:
-            raise Undefined("the features are not available for a second pass")
+            raise Undefined(
+                "the source holds statistics only, no features for a second pass (a Tracker "
+                "keeps them with store_features=True, an LM extraction with --store-features)"
+            )
         # a held-out split's nearest class mean is the nearest *training* mean
         st = ctx.stats if ctx.reference is None else ctx.reference
         if ctx.weight is None:
