@@ -434,6 +434,11 @@ def _measure_all(
     return frames
 
 
+def _where(source: Source) -> str:
+    """A source's path, with the observation for one of a run file's (``nc.h5@ep5``)."""
+    return source.path if source.label in source.path else f"{source.path} ({source.label})"
+
+
 def _check_runs(ckpts: list[_Ckpt], runs: list[str], baseline: str | None) -> str:
     """Validate the runs for ``by="run"`` and return the baseline run."""
     if len(runs) < 2:
@@ -455,7 +460,8 @@ def _check_runs(ckpts: list[_Ckpt], runs: list[str], baseline: str | None) -> st
         if key in seen:
             raise DataError(
                 f"run {c.run!r} has two checkpoints at epoch {c.source.epoch} "
-                f"({seen[key]} and {c.source.path}); pass one of them, or compare without --by run"
+                f"({seen[key]} and {_where(c.source)}); pass one of them, or compare without "
+                "--by run"
             )
-        seen[key] = c.source.path
+        seen[key] = _where(c.source)
     return baseline or runs[0]
