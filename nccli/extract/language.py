@@ -44,7 +44,7 @@ from nccli.errors import DataError, UsageError
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, device_label, stats_device
 from nccli.extract.pipeline import BackgroundWriter, Rows, to_host
 from nccli.extract.plan import check_plan, make_plan, memory_limit
-from nccli.io.cache import CacheWriter, existing_matches
+from nccli.io.cache import Cache, CacheWriter, existing_matches
 from nccli.io.cache.writer import claim_output
 from nccli.io.checkpoints.hf import LoadedLM, is_hf_spec, load_causal_lm, load_tokenizer
 from nccli.io.datasets.tokens import Tokens, TokenScan, open_tokens, scan
@@ -379,6 +379,7 @@ def _attrs(
         "pad_left_out": job.sc.pad_left_out if m.pad_id is not None else None,
         "max_tokens": opts.max_tokens,
         "features_stored": bool(opts.store_features),
+        "stats_precision": getattr(cfg, "precision", "exact"),
     }
 
 
@@ -392,12 +393,20 @@ def _one(
         "feature_dtype": cfg.feature_dtype,
         "features_stored": bool(opts.store_features),
         "split": split,
+        "stats_precision": getattr(cfg, "precision", "exact"),
     }
+    layers = _records(m)
     if out_path.exists() and not cfg.overwrite and existing_matches(out_path, want) is not None:
+        with Cache(out_path) as c:
+            have = list(c.layers)
+        if sorted(have) != sorted(c.name for c in layers):
+            raise UsageError(
+                f"{out_path}: exists with the layers {', '.join(have)}, not the ones asked "
+                "for; pass --overwrite to replace it, or another -o"
+            )
         note(f"{out_path}: already extracted, skipped (pass --overwrite to redo it)")
         return out_path
     _check_head_input(m, job.toks.ids, cfg.device, src)
-    layers = _records(m)
     T = job.toks.shape[1]
     rows = max(1, cfg.batch_size // (T - 1)) * (T - 1)
     disc = SimpleNamespace(layers=layers, num_logits=m.vocab, shapes={})
@@ -441,8 +450,9 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
     sdev = stats_device(dev)
     store = FEATURE_DTYPES[cfg.feature_dtype]
     amp = AMP_DTYPES[cfg.amp]
-    stats = {c.name: ClassStats(m.vocab, c.dim, device=sdev, source=f"{job.src}:{c.name}")
-             for c in layers}  # fmt: skip
+    prec = getattr(cfg, "precision", "exact")  # --precision: the scatter's product
+    stats = {c.name: ClassStats(m.vocab, c.dim, device=sdev, source=f"{job.src}:{c.name}",
+                                precision=prec) for c in layers}  # fmt: skip
     seen: dict[int, torch.Tensor] = {}
 
     def grab(i: int) -> Any:
