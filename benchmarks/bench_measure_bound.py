@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--rss", default="200000 1000000", help="N values for the RSS rows")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--tmp", default=None, help="directory for the feature files")
+    ap.add_argument("--precision", default="exact", help="measure's precision (exact|fast)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nccli-bound-", dir=args.tmp))
     try:
@@ -100,7 +101,7 @@ def main() -> None:
             measure(path)  # warm the page cache and the imports
             ours, ref = [], []
             for _ in range(args.repeat):
-                ours.append(timed(lambda p=path: measure(p)))
+                ours.append(timed(lambda p=path: measure(p, precision=args.precision)))
                 ref.append(timed(lambda p=path: bound(p)))
             t, b = min(ours), min(ref)
             print(f"{N:>8} {d:>5} {K:>5} {t:10.3f} {b:10.3f} {t / b:7.2f}", flush=True)

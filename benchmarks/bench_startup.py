@@ -1,8 +1,9 @@
 """Start-up time of the commands that need no model (issue 16).
 
 Each command runs in a fresh process, ``--repeat`` times (default 5); the median wall time
-is printed next to the floor of any Python tool (``python -c pass``) and of one that reads
-HDF5 with numpy (``python -c "import numpy, h5py"``):
+(and CPU time, user + system, which load on a shared machine disturbs less) is printed
+next to the floor of any Python tool (``python -c pass``) and of one that reads HDF5 with
+numpy (``python -c "import numpy, h5py"``):
 
 - ``nccli --version``;
 - ``nccli measure FEATS`` on a 200×16 feature file (``.npz``, CSV to stdout);
@@ -16,6 +17,7 @@ machine's load; compare the rows of one run.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import statistics
 import subprocess
@@ -33,13 +35,18 @@ def _nccli() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "nccli"]
 
 
-def median_wall(cmd: list[str], repeat: int) -> float:
-    times = []
+def medians(cmd: list[str], repeat: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (user + system) of ``cmd``'s process;
+    the CPU time is what a loaded machine disturbs least."""
+    walls, cpus = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def write_inputs(tmp: Path) -> tuple[Path, list[Path]]:
@@ -88,12 +95,12 @@ def main() -> None:
                 None,
             ),
         ]
-        print(f"median of {args.repeat} fresh processes, wall seconds")
-        print(f"{'command':<58} {'median':>7}  target")
+        print(f"median of {args.repeat} fresh processes, seconds")
+        print(f"{'command':<58} {'wall':>7} {'cpu':>7}  target (wall)")
         for label, cmd, target in rows:
-            t = median_wall(cmd, args.repeat)
+            t, cpu = medians(cmd, args.repeat)
             verdict = "" if target is None else f"≤ {target} {'yes' if t <= target else 'NO'}"
-            print(f"{label:<58} {t:7.3f}  {verdict}", flush=True)
+            print(f"{label:<58} {t:7.3f} {cpu:7.3f}  {verdict}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
