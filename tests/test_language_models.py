@@ -162,7 +162,9 @@ def test_nc1_of_layernorm_features_uses_the_genuine_directions(lm, tmp_path):
 
 def test_statistics_only_cache_and_max_tokens(lm, tmp_path):
     out = tmp_path / "cache"
-    res = _extract(str(lm["model"]), "-d", str(lm["tokens"]), "-o", str(out), "--max-tokens", "100")
+    # one sequence (39 positions) per forward; updates pool 48+ rows (update_rows: K/2)
+    args = ["-d", str(lm["tokens"]), "-o", str(out), "--max-tokens", "100", "-b", "39"]
+    res = _extract(str(lm["model"]), *args)
     assert res.exit_code == 0, res.output
     path = out / "gpt2-step100.h5"
     ref = _direct(lm["model"], lm["ids"])
@@ -171,7 +173,13 @@ def test_statistics_only_cache_and_max_tokens(lm, tmp_path):
         assert "features" not in c.layers["lm_head"].stored
         np.testing.assert_array_equal(c.labels(), ref["labels"][:100])
         st = c.stats("lm_head")
-    np.testing.assert_array_equal(st.counts, np.bincount(ref["labels"][:100], minlength=VOCAB))
+    y, H = ref["labels"][:100], ref["lm_head"][:100]
+    np.testing.assert_array_equal(st.counts, np.bincount(y, minlength=VOCAB))
+    has = st.counts > 0
+    means = np.stack([H[y == k].mean(axis=0) for k in np.flatnonzero(has)])
+    np.testing.assert_allclose(st.means[has], means, atol=1e-6)
+    dev = H - st.means[y]
+    np.testing.assert_allclose(st.scatter, dev.T @ dev, atol=1e-6 * len(y))
     rows, _ = _measure(path, "nc1,nc2,nc3")
     want = _reference(ref["lm_head"][:100], ref["labels"][:100])
     assert rows[("lm_head", "nc1")] == pytest.approx(want["nc1"], rel=1e-3)  # see the xfail
@@ -180,7 +188,7 @@ def test_statistics_only_cache_and_max_tokens(lm, tmp_path):
     res = runner.invoke(app, ["measure", str(path), "-f", "csv", "-m", "nc4"])
     assert "--store-features" in res.output
     # the same command again skips the finished cache
-    res = _extract(str(lm["model"]), "-d", str(lm["tokens"]), "-o", str(out), "--max-tokens", "100")
+    res = _extract(str(lm["model"]), *args)
     assert res.exit_code == 0 and "already extracted" in res.stderr
 
 

@@ -63,6 +63,8 @@ __all__ = [
 
 #: tokens of the probe that checks what the LM head reads
 _PROBE_TOKENS = 16
+#: the most rows pooled into one statistics update (:func:`update_rows`)
+MAX_UPDATE_ROWS = 16384
 
 
 @dataclass
@@ -408,7 +410,7 @@ def _one(
         return out_path
     _check_head_input(m, job.toks.ids, cfg.device, src)
     T = job.toks.shape[1]
-    rows = max(1, cfg.batch_size // (T - 1)) * (T - 1)
+    rows = update_rows(m.vocab, cfg.batch_size, T)  # the statistics' update, pooled
     disc = SimpleNamespace(layers=layers, num_logits=m.vocab, shapes={})
     limit, how = memory_limit(cfg.max_memory, stats_device(cfg.device))
     plan = make_plan(disc, job.used[1], rows, cfg.feature_dtype, opts.store_features)
@@ -451,8 +453,9 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
     store = FEATURE_DTYPES[cfg.feature_dtype]
     amp = AMP_DTYPES[cfg.amp]
     prec = getattr(cfg, "precision", "exact")  # --precision: the scatter's product
-    stats = {c.name: ClassStats(m.vocab, c.dim, device=sdev, source=f"{job.src}:{c.name}",
-                                precision=prec) for c in layers}  # fmt: skip
+    stats = _Batched({c.name: ClassStats(m.vocab, c.dim, device=sdev, precision=prec,
+                                         source=f"{job.src}:{c.name}") for c in layers},
+                     update_rows(m.vocab, cfg.batch_size, job.toks.shape[1]))  # fmt: skip
     seen: dict[int, torch.Tensor] = {}
 
     def grab(i: int) -> Any:
@@ -483,7 +486,7 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
                     if tuple(h.shape[:2]) != tuple(x.shape):
                         raise DataError(f"{job.src}: layer {c.name} has shape {tuple(h.shape)}")
                     feats[c.name] = h[:, :-1][kd].to(store)
-                    stats[c.name].update(feats[c.name].to(sdev), y)
+                stats.add({k: v.to(sdev) for k, v in feats.items()}, y)
             pos = (np.arange(s0, s0 + a.shape[0])[:, None] * T + np.arange(T - 1))[keep]
             host, _, ready = to_host(feats if writer.features else {}, torch.empty(0), cuda)
             bg.submit(Rows(row, y.cpu().numpy(), pos, host, torch.empty(0), ready))
@@ -497,4 +500,44 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
         bg.close()
         if task is not None:
             bar.update(task, visible=False)
-    return stats
+    return stats.finish()
+
+
+def update_rows(vocab: int, batch_size: int, T: int) -> int:
+    """Rows per statistics update: every update merges all K class means (O(K·d) whatever
+    the rows), so with a vocabulary the rows of several forwards are pooled first — up
+    to K/2, at most :data:`MAX_UPDATE_ROWS`, at least one forward's."""
+    forward = max(1, batch_size // (T - 1)) * (T - 1)
+    return max(forward, min(vocab // 2, MAX_UPDATE_ROWS))
+
+
+class _Batched:
+    """Per-layer statistics updated once per :func:`update_rows` rows (the same float64
+    statistics as one update per forward, up to rounding: both are exact merges)."""
+
+    def __init__(self, stats: dict[str, ClassStats], rows: int) -> None:
+        self.stats, self.rows = stats, rows
+        self._h: dict[str, list[torch.Tensor]] = {k: [] for k in stats}
+        self._y: list[torch.Tensor] = []
+        self._n = 0
+
+    def add(self, feats: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+        for k, v in feats.items():
+            self._h[k].append(v)
+        self._y.append(y)
+        self._n += int(y.shape[0])
+        if self._n >= self.rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._n:
+            y = torch.cat(self._y)
+            for k, parts in self._h.items():
+                self.stats[k].update(torch.cat(parts), y)
+                parts.clear()
+        self._y.clear()
+        self._n = 0
+
+    def finish(self) -> dict[str, ClassStats]:
+        self._flush()
+        return self.stats
