@@ -14,7 +14,8 @@ Per layer of ``d`` features (after pooling), ``K`` classes, ``N`` samples, batch
 
 A language model (:mod:`nccli.extract.language`) is planned the same way with ``K`` the
 vocabulary (50,257 for GPT-2: 0.3 GB of float64 means at d = 768, and ``6·K·d`` of update
-temporaries; nothing is K×K) and ``B`` the token positions of one forward; without
+temporaries; nothing is K×K) and ``B`` the rows of one statistics update (the token
+positions of several forwards, pooled: :func:`nccli.extract.language.update_rows`); without
 ``--store-features`` it writes no features, so both the disk and the queue terms are 0.
 
 The planned peak is all statistics + the largest update's temporaries + the rows in
