@@ -184,9 +184,12 @@ def test_statistics_only_cache_and_max_tokens(lm, tmp_path):
     want = _reference(ref["lm_head"][:100], ref["labels"][:100])
     assert rows[("lm_head", "nc1")] == pytest.approx(want["nc1"], rel=1e-3)  # see the xfail
     assert not np.isnan(rows[("lm_head", "nc3")])
-    # nc4 needs the features again: one line saying so (and how to get them)
-    res = runner.invoke(app, ["measure", str(path), "-f", "csv", "-m", "nc4"])
-    assert "--store-features" in res.output
+    # nc4, acc, ncc_acc need the features again: nan, with the reason (and the flag)
+    rows, stderr = _measure(path, "nc1,nc4,acc,ncc_acc")
+    assert all(np.isnan(rows[("lm_head", m)]) for m in ("nc4", "acc", "ncc_acc"))
+    assert "nc4 is nan" in stderr and "--store-features" in stderr
+    res = runner.invoke(app, ["measure", str(path), "-f", "csv"])  # every default metric
+    assert res.exit_code == 0, res.output
     # the same command again skips the finished cache
     res = _extract(str(lm["model"]), *args)
     assert res.exit_code == 0 and "already extracted" in res.stderr

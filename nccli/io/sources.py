@@ -107,8 +107,10 @@ class LayerView:
     @property
     def has_features(self) -> bool:
         """Whether :meth:`batches` has features to stream (a run file recorded without
-        ``store_features`` holds statistics only)."""
-        return self.source.has_features
+        ``store_features``, or a language-model cache extracted without
+        ``--store-features``, holds statistics only)."""
+        stored = self.layer.stored  # a cache layer's datasets (empty: not a cache)
+        return self.source.has_features and (not stored or "features" in stored)
 
     def batches(self, chunk_rows: int = 8192) -> Batches:
         """``(features, labels)`` chunks of at most ``chunk_rows`` rows (those kept by the
