@@ -64,6 +64,8 @@ class MeasureOptions:
     wd_classifier: float | None = None  # λ_W (also the ridge λ of the MSE decomposition)
     head_depth: int | None = None  # M; None: the number of linear layers in the cached chain
     geometry: bool = False
+    #: a cache (or features file) of out-of-distribution inputs: nc5 (nccli.metrics.variants)
+    ood: str | os.PathLike[str] | None = None
 
 
 def select_layers(
@@ -167,6 +169,7 @@ def measure_layer(
     names: list[str],
     all_views: Sequence[Any],
     reference: Any | None = None,
+    ood_mean: np.ndarray | None = None,
 ) -> MetricSet:
     """Every selected metric of one layer, in the order of ``names``: the registry's rule
     (:func:`nccli.metrics.registry.evaluate`) decides which rows appear and why one is ``nan``.
@@ -175,6 +178,7 @@ def measure_layer(
     (:mod:`nccli.heldout`): the generalisation metrics use its class means."""
     stats = view.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
     ctx = LayerContext.for_view(view, stats, all_views, opts)
+    ctx.ood_mean = ood_mean
     if reference is not None:
         train = reference.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
         ctx.reference = around_reference(stats, train, class_labels(view, stats.num_classes))
@@ -202,8 +206,9 @@ def measure_sources(
         refs = references
         if refs is None:
             refs = stack.enter_context(held_out_pairs(sources, opts.notes))
+        ood = _ood_means(opts, stack)
         for src in sources:
-            rows.extend(_source_rows(src, refs.get(id(src)), opts, names, progress))
+            rows.extend(_source_rows(src, refs.get(id(src)), opts, names, progress, ood))
             opts.notes.extend(n for n in src.notes if n not in opts.notes)  # e.g. dropped rows
     splits = {split_of(s) for s in sources}
     several = len(splits) > 1 or any(map(is_held_out, sources)) or references is not None
@@ -226,8 +231,10 @@ def _source_rows(
     opts: MeasureOptions,
     names: list[str],
     progress: Callable[[str], None] | None,
+    ood: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """The rows of one source (``ref``: its training split, for a held-out one)."""
+    """The rows of one source (``ref``: its training split, for a held-out one; ``ood``:
+    the out-of-distribution global mean of each layer, ``--ood``)."""
     all_views = measured_views(src, opts, ref)
     ref_views = {} if ref is None else {v.name: v for v in ref.layers.values()}
     key = {"source": src.label, "split": split_of(src), "epoch": src.epoch}
@@ -235,7 +242,9 @@ def _source_rows(
     for view in select_layers(src, opts.layers, all_views):
         if progress:
             progress(f"{src.label}: {view.name}")
-        ms = measure_layer(view, opts, names, all_views, ref_views.get(view.name))
+        ms = measure_layer(
+            view, opts, names, all_views, ref_views.get(view.name), (ood or {}).get(view.name)
+        )
         for metric, value in ms.items():
             rows.append({**key, "layer": view.name, "metric": metric, "value": value})
             if metric in ms.reasons:
@@ -247,6 +256,16 @@ def _source_rows(
                 {**key, "layer": view.name, **r} for r in _class_rows(view, opts, all_views)
             )
     return rows
+
+
+def _ood_means(opts: MeasureOptions, stack: contextlib.ExitStack) -> dict[str, np.ndarray]:
+    """``--ood``: the global mean of each layer of the out-of-distribution source."""
+    if opts.ood is None:
+        return {}
+    (ood,) = open_sources([opts.ood], num_classes=opts.num_classes)
+    stack.callback(ood.close)
+    kw = {"recompute": opts.recompute, "chunk_rows": opts.chunk_rows}
+    return {name: v.stats(**kw).global_mean("global") for name, v in ood.layers.items()}
 
 
 def _class_rows(view: Any, opts: MeasureOptions, all_views: Sequence[Any]) -> list[dict[str, Any]]:
@@ -286,6 +305,7 @@ def measure(
     min_class_count: int = 1,
     precision: str = "exact",
     max_memory: str | int | float | None = None,
+    ood: str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """Measure NC metrics of caches / feature files; one tidy row per (source, layer, metric).
 
@@ -303,6 +323,8 @@ def measure(
     when statistics are streamed (``"exact"``: float64; ``"fast"``: float32 blocks,
     docs/metrics.md); features up to ``max_memory`` (``"2GiB"``, bytes, ``"none"``; default
     1/16 of the memory, at most 1 GiB) are kept in memory between the two passes.
+    ``ood`` is a cache or features file of out-of-distribution inputs through the same
+    model: its per-layer global mean gives ``nc5``.
     """
     if isinstance(layers, str):
         layers = [s.strip() for s in layers.split(",") if s.strip()]
@@ -322,6 +344,7 @@ def measure(
         min_class_count=min_class_count,
         precision=precision,
         max_memory=max_memory,
+        ood=ood,
     )
     with opened_sources(paths, opts, skip_nonfinite=skip_nonfinite) as sources:
         return measure_sources(sources, opts)

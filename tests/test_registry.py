@@ -228,11 +228,18 @@ def test_declarations():
         "geometry",
         "deep",
         "mse",
+        "variants",
+        "ood",
     )
     assert [n for n, m in METRICS.items() if m.count] == ["classes", "nc1_rank"]
     assert set(CORE_FAMILIES) <= set(METRICS.families)
     assert MetricInfo is Metric
-    assert [n for n, m in METRICS.items() if m.needs_pass] == ["nc4", "acc", "ncc_acc"]
+    assert [n for n, m in METRICS.items() if m.needs_pass] == [
+        "nc4",
+        "acc",
+        "ncc_acc",
+        "margin_min",
+    ]
     assert [n for n, m in METRICS.items() if not m.default] == ["erank_l"]
     for name, m in METRICS.items():
         assert m.name == name and m.formula and callable(m.kernel)

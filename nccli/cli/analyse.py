@@ -40,6 +40,7 @@ from nccli.cli.options import (
     MeasureSkipNonfiniteOpt,
     MinClassCountOpt,
     NumClassesOpt,
+    OodOpt,
     OutOpt,
     PerClassOpt,
     PlotOpt,
@@ -74,6 +75,7 @@ def measure(
     max_memory: MeasureMaxMemoryOpt = None,
     num_classes: NumClassesOpt = None,
     min_class_count: MinClassCountOpt = 1,
+    ood: OodOpt = None,
     chunk_rows: ChunkRowsOpt = 8192,
     fmt: FormatOpt = None,
     as_wide: WideOpt = False,
@@ -134,6 +136,7 @@ def measure(
             skip_nonfinite=skip_nonfinite,
             precision=precision.value,
             max_memory=max_memory,
+            ood=None if ood is None else str(ood),
             **common,
         )
         emit(df, fmt, as_wide=as_wide, output=output)

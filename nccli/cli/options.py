@@ -100,6 +100,15 @@ LayerOpt = Annotated[
 CenterOpt = Annotated[
     str, typer.Option("--center", help="global (sample-weighted μ_G) or classmean.")
 ]
+OodOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ood",
+        metavar="CACHE",
+        help="A cache (or features file) of out-of-distribution inputs through the same "
+        "model: adds nc5 = mean_k |cos(μ_k, μ_G^ood)| per layer.",
+    ),
+]
 MinClassCountOpt = Annotated[
     int,
     typer.Option(

@@ -77,6 +77,8 @@ class LayerContext:
     #: a held-out layer's statistics about the training class means (nccli.heldout);
     #: the nearest-mean decisions and the ``*_vs_train`` metrics use it
     reference: ClassStats | None = None
+    #: the global mean of out-of-distribution features at this layer (``measure --ood``)
+    ood_mean: Any | None = None
     _memo: dict[Any, tuple[bool, Any]] = field(default_factory=dict, repr=False)
 
     @classmethod

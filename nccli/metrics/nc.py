@@ -463,9 +463,18 @@ def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) ->
     return xp.where(better, v, best), xp.where(better, j + k0, idx)
 
 
-def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any) -> tuple[Any, Any]:
-    """Classifier decision and nearest mean of the centred rows ``hc``, tile by tile."""
+def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any, y: Any = None) -> tuple[Any, ...]:
+    """Classifier decision and nearest mean of the centred rows ``hc``, tile by tile; with
+    the labels ``y`` also each row's one-vs-rest margin ``z_y − max_{k≠y} z_k``."""
     pred_v = pred = ncc_v = ncc = None
+    n = hc.shape[0]
+    inf = float("inf")
+    own = (
+        xp.full((n,), -inf, dtype=hc.dtype)
+        if xp is np
+        else xp.full((n,), -inf, dtype=hc.dtype, device=hc.device)
+    )
+    rest = own.clone() if xp is not np else own.copy()
     for k0, W, mu, b, mu_sq in blocks:
         logits = hc @ W.T
         logits += b
@@ -474,7 +483,18 @@ def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any) -> tuple[Any, Any]:
         dist += mu_sq
         pred_v, pred = _running(pred_v, pred, logits, k0, xp, largest=True)
         ncc_v, ncc = _running(ncc_v, ncc, dist, k0, xp, largest=False)
-    return pred, ncc
+        if y is None:
+            continue
+        # the true class's logit where it falls in this tile, and the best of the others
+        mine = (y >= k0) & (y < k0 + logits.shape[1])
+        r = xp.nonzero(mine)[0] if xp is np else xp.nonzero(mine)[:, 0]
+        if r.shape[0]:
+            cols = y[r] - k0
+            own[r] = logits[r, cols]
+            logits[r, cols] = -inf
+        top = logits.max(axis=1) if xp is np else logits.max(dim=1).values
+        rest = xp.maximum(rest, top)
+    return (pred, ncc) if y is None else (pred, ncc, own - rest)
 
 
 def nc4_pass(
@@ -486,7 +506,11 @@ def nc4_pass(
     device: Any = None,
     budget: int = pw.TILE_BYTES,
 ) -> dict[str, float]:
-    """Second chunked pass: ``nc4``, ``acc`` and ``ncc_acc``.
+    """Second chunked pass: ``nc4``, ``acc``, ``ncc_acc`` and ``margin_min``.
+
+    ``margin_min = min_i (z_{y_i} − max_{k≠y_i} z_k) / ||W||_F`` with ``z = W h_i + b``: the
+    smallest one-vs-rest margin over the samples, scale-free (Jiang et al. 2023); negative
+    when a sample is misclassified.
 
     ``nc4`` is the fraction of samples whose classifier decision ``argmax_k(w_k·h + b_k)``
     differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk of rows is
@@ -518,6 +542,7 @@ def nc4_pass(
     blocks: list[tuple] | None = None
     rows = 1
     n = mismatch = correct = ncc_correct = 0
+    margin = float("inf")
     for h, y in batches:
         h, y = (as_array(h), as_array(y)) if on_cpu else (as_tensor(h, dev), as_tensor(y, dev))
         h, y = check_batch(h, y, K, stats.dim, stats.source)
@@ -537,9 +562,11 @@ def nc4_pass(
             hc = h.to(torch.float64) - mu_g_t
             yn = y.cpu().numpy()
         for s in range(0, hc.shape[0], rows):
-            pred, ncc = _nc4_rows(hc[s : s + rows], blocks, xp)
+            pred, ncc, gap = _nc4_rows(hc[s : s + rows], blocks, xp, y[s : s + rows])
             if not on_cpu:
-                pred, ncc = pred.cpu().numpy(), ncc.cpu().numpy()
+                pred, ncc, gap = pred.cpu().numpy(), ncc.cpu().numpy(), gap.cpu().numpy()
+            if gap.size:
+                margin = min(margin, float(gap.min()))
             ys = yn[s : s + rows]
             mismatch += int(np.sum(pred != ncc))
             correct += int(np.sum(pred == ys))
@@ -547,4 +574,8 @@ def nc4_pass(
         n += len(yn)
     if n == 0:
         raise Undefined("no samples")
-    return {"nc4": mismatch / n, "acc": correct / n, "ncc_acc": ncc_correct / n}
+    out = {"nc4": mismatch / n, "acc": correct / n, "ncc_acc": ncc_correct / n}
+    w_norm = float(np.linalg.norm(Wn))
+    if K > 1 and w_norm > 0:  # else no other class, or no scale: the registry says why
+        out["margin_min"] = margin / w_norm
+    return out

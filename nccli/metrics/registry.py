@@ -46,6 +46,7 @@ from nccli.metrics import deep_linear as deep
 from nccli.metrics import geometry as geo
 from nccli.metrics import mse as mse_mod
 from nccli.metrics import nc
+from nccli.metrics import variants as var
 from nccli.metrics.context import LayerContext, MetricSet
 from nccli.metrics.nc import Undefined, nc4_pass
 
@@ -269,6 +270,43 @@ REFERENCE = Need(
 )
 
 
+OOD = Need(
+    "out-of-distribution features",
+    lambda c: None if c.ood_mean is not None else "no out-of-distribution features (--ood)",
+)
+
+
+def _ood_given(ctx: LayerContext) -> bool:
+    """``nc5`` by default: when ``--ood`` gave out-of-distribution features."""
+    return ctx.ood_mean is not None
+
+
+def _no_etf(ctx: LayerContext) -> bool:
+    """``gnc2_*`` by default: K > d + 1, where no simplex ETF exists."""
+    return ctx.stats.num_classes > ctx.stats.dim + 1
+
+
+def _gnc2(ctx: LayerContext) -> tuple[float, float]:
+    return ctx.shared("gnc2", lambda: var.gnc2(_means(ctx)))
+
+
+def _bias_collapse(ctx: LayerContext) -> float:
+    checked = ctx.classifier()
+    assert checked is not None  # guarded by CLASSIFIER
+    return var.bias_collapse(checked[0], checked[1], ctx.stats.global_mean("global"))
+
+
+def _margin(ctx: LayerContext) -> float:
+    got = feature_pass(ctx)
+    if "margin_min" not in got:
+        raise Undefined("needs two classes and a nonzero classifier")
+    return got["margin_min"]
+
+
+def _never(ctx: LayerContext) -> bool:
+    return False
+
+
 def _held_out(ctx: LayerContext) -> bool:
     """``*_vs_train`` by default: held-out layers measured with their training split."""
     return ctx.reference is not None
@@ -386,5 +424,24 @@ _d(M("mse_dev", "mse", "L(W,b) - L(W_LS,b_LS) = ½ΣΔ_kᵀAΔ_k",
      lambda c: mse_terms(c).mse_dev, needs=(CLASSIFIER,), shown_by_default=_mse_loss_given))
 _d(M("mse_dev_frac", "mse", "mse_dev / (mse_ls + mse_dev)",
      lambda c: mse_terms(c).mse_dev_frac, needs=(CLASSIFIER,), shown_by_default=_mse_loss_given))
+# later papers' variants (nccli.metrics.variants): on request, or where they apply
+_d(M("gnc2_log_energy", "variants", "mean_{k<l} log(1/||u_k-u_l||), u_k = (μ_k-μ_G)/||μ_k-μ_G||",
+     lambda c: _gnc2(c)[0], shown_by_default=_no_etf))
+_d(M("gnc2_dist_var", "variants", "var_{k<l} ||u_k-u_l||", lambda c: _gnc2(c)[1],
+     shown_by_default=_no_etf))
+_d(M("unc3", "variants", "var_k cos(w_k, μ_k-μ_G)", lambda c: var.unc3(_W(c), _means(c)),
+     needs=(CLASSIFIER,), shown_by_default=_never))
+_d(M("unc3_dot", "variants", "std_k s_k / |mean_k s_k|, s_k = w_k·(μ_k-μ_G)",
+     lambda c: var.unc3_dot(_W(c), _means(c)), needs=(CLASSIFIER,), shown_by_default=_never))
+_d(M("nc3_dual", "variants", "|| W Mᵀ/||W Mᵀ||_F - (I-11ᵀ/K)/sqrt(K-1) ||_F",
+     lambda c: var.nc3_dual(_W(c), _means(c)), needs=(CLASSIFIER,), shown_by_default=_never))
+_d(M("bias_collapse", "variants", "||W μ_G + b||_2", _bias_collapse, needs=(CLASSIFIER,),
+     shown_by_default=_never))
+_d(M("margin_min", "variants", "min_i (z_y - max_{k≠y} z_k) / ||W||_F, z = Wh_i+b",
+     lambda c: _margin(c), higher_is_better=True,
+     needs=(PASS, CLASSIFIER), shown_by_default=_never))
+_d(M("nc5", "ood", "mean_k |cos(μ_k, μ_G^ood)|",
+     lambda c: var.nc5(c.stats.means[nc._present(c.stats)], c.ood_mean), needs=(OOD,),
+     shown_by_default=_ood_given))
 # fmt: on
 del _d, M
