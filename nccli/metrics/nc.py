@@ -506,11 +506,8 @@ def nc4_pass(
     device: Any = None,
     budget: int = pw.TILE_BYTES,
 ) -> dict[str, float]:
-    """Second chunked pass: ``nc4``, ``acc``, ``ncc_acc`` and ``margin_min``.
-
-    ``margin_min = min_i (z_{y_i} − max_{k≠y_i} z_k) / ||W||_F`` with ``z = W h_i + b``: the
-    smallest one-vs-rest margin over the samples, scale-free (Jiang et al. 2023); negative
-    when a sample is misclassified.
+    """Second chunked pass: ``nc4``, ``acc``, ``ncc_acc`` and ``margin_min`` (the smallest
+    one-vs-rest margin ``(z_{y_i} − max_{k≠y_i} z_k) / ||W||_F``, ``z = W h_i + b``).
 
     ``nc4`` is the fraction of samples whose classifier decision ``argmax_k(w_k·h + b_k)``
     differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk of rows is
