@@ -1,7 +1,8 @@
 """``measure`` against the hardware bound, and its peak memory in N (issue 16).
 
 For each (N, d, K) an HDF5 feature file of synthetic float32 features (with a classifier,
-so NC4 runs) is written, and in the same process, interleaved, best of ``--repeat``:
+so NC4 runs) is written, and in the same process, interleaved, best of ``--repeat`` (wall
+time, and process CPU time of every thread):
 
 - **nccli**: ``nccli.measure(path)`` — every default metric; the statistics streamed once
   and, when the features fit ``--max-memory`` (default 1/16 of the memory, at most 1 GiB),
@@ -58,10 +59,12 @@ def bound(path: Path, chunk_rows: int = 8192) -> None:
             G += h.T @ h
 
 
-def timed(fn) -> float:
-    t = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """Wall and process CPU seconds (every thread) of ``fn()``; the CPU time is what load
+    on a shared machine disturbs least."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def peak_rss_mb(path: Path, *extra: str) -> float:
@@ -94,7 +97,10 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nccli-bound-", dir=args.tmp))
     try:
-        print(f"{'N':>8} {'d':>5} {'K':>5} {'nccli (s)':>10} {'bound (s)':>10} {'ratio':>7}")
+        print(
+            f"{'N':>8} {'d':>5} {'K':>5} {'nccli (s)':>10} {'bound (s)':>10} {'ratio':>7}"
+            f" {'cpu nccli':>10} {'cpu bound':>10} {'cpu ratio':>10}"
+        )
         for N, d, K in _sizes(args.sizes):
             path = tmp / f"f{N}_{d}_{K}.h5"
             make_features(path, N, d, K)
@@ -103,8 +109,12 @@ def main() -> None:
             for _ in range(args.repeat):
                 ours.append(timed(lambda p=path: measure(p, precision=args.precision)))
                 ref.append(timed(lambda p=path: bound(p)))
-            t, b = min(ours), min(ref)
-            print(f"{N:>8} {d:>5} {K:>5} {t:10.3f} {b:10.3f} {t / b:7.2f}", flush=True)
+            (t, tc), (b, bc) = min(ours), min(ref)
+            print(
+                f"{N:>8} {d:>5} {K:>5} {t:10.3f} {b:10.3f} {t / b:7.2f}"
+                f" {tc:10.3f} {bc:10.3f} {tc / bc:10.2f}",
+                flush=True,
+            )
             path.unlink()
         rss = {}
         for N in (int(float(v)) for v in args.rss.split()):
