@@ -3,9 +3,9 @@
 Each command runs in a fresh ``python -X importtime -m nccli ...`` and the modules it
 imported are read from stderr.  ``torch`` must never appear for ``--version``, ``measure``
 (a cache and a feature file), ``compare``, ``info CACHE`` and ``metrics``; ``pandas`` must
-not appear for ``--version`` (it stays where the commands build their DataFrame: the rows
-``measure`` and ``compare`` return to Python callers are what the CLI writes, through
-``nccli.report``; docs/performance.md, "Start-up").
+not appear for ``--version`` and ``info CACHE`` (it stays where the commands build their
+DataFrame: the rows ``measure``, ``compare`` and ``metrics`` return to Python callers are
+what the CLI writes, through ``nccli.report``; docs/performance.md).
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def _imported(*args: str) -> set[str]:
 
 def test_version_imports_neither_torch_nor_pandas():
     names = _imported("--version")
+    assert "torch" not in names
+    assert "pandas" not in names
+
+
+def test_info_on_a_cache_imports_neither_torch_nor_pandas(inputs):
+    names = _imported("info", inputs / "ep0001.h5")
     assert "torch" not in names
     assert "pandas" not in names
 

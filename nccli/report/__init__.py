@@ -20,14 +20,24 @@ modules here only turn them into output:
 
 This package imports no command-line code, and the storage and numerics layers
 (``nccli.io``, ``nccli.stats``, ``nccli.metrics``) never import it.  The data writers and
-the measure table are re-exported here; the other renderers are imported from their
+the measure table are re-exported here, imported on first use (so ``nccli.report.console``
+and ``nccli info`` do not load pandas); the other renderers are imported from their
 modules (they pull in ``nccli.compare`` or matplotlib).
 """
 
 from __future__ import annotations
 
-from nccli.report.data import OutputFormat, fmt_value, sparkline, wide, write_data
-from nccli.report.measure_table import render_cosine_heatmaps, render_measure_table
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers
+    from nccli.report.data import OutputFormat, fmt_value, sparkline, wide, write_data
+    from nccli.report.measure_table import render_cosine_heatmaps, render_measure_table
+
+_LAZY = {
+    **dict.fromkeys(("OutputFormat", "fmt_value", "sparkline", "wide", "write_data"), "data"),
+    **dict.fromkeys(("render_cosine_heatmaps", "render_measure_table"), "measure_table"),
+}
 
 __all__ = [
     "OutputFormat",
@@ -38,3 +48,9 @@ __all__ = [
     "wide",
     "write_data",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"nccli.report.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'nccli.report' has no attribute {name!r}")

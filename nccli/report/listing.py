@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 #: the columns of the layer table, in order (those no layer has are left out)
 INFO_COLUMNS = (
@@ -98,4 +100,6 @@ def metrics_frame(metrics: Iterable[Any]) -> pd.DataFrame:
     """``metrics --format csv|tsv|json``: the table's rows (metric, family, better,
     formula) as a frame."""
     rows = [(i.name, i.family, i.better, i.formula) for i in metrics]
+    import pandas as pd  # only the metrics listing is a frame: `info` prints without pandas
+
     return pd.DataFrame(rows, columns=["metric", "family", "better", "formula"])
