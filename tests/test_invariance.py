@@ -177,9 +177,13 @@ def test_global_scaling(whole, alpha):
     assert_array_close("class_ss", st.class_ss, alpha**2 * base.class_ss, rel=REL)
     ms = metrics_of(st, alpha * H0, Y0, W=W0, b=np.zeros(K), chunk=7)
     ref = metrics_of(base, H0, Y0, W=W0, b=np.zeros(K))
+    # margin_min (a margin over ||W||_F) scales with the features, as a margin does
+    margin = ref.pop("margin_min")
+    assert ms.pop("margin_min") == pytest.approx(alpha * margin, rel=REL)
     assert_metrics_equal(ms, ref)
     # and the classifier itself may be scaled freely
     ms_w = metrics_of(st, alpha * H0, Y0, W=3.0 * W0, b=np.zeros(K))
+    assert ms_w.pop("margin_min") == pytest.approx(alpha * margin, rel=REL)
     assert_metrics_equal(ms_w, ref)
 
 
