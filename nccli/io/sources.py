@@ -112,6 +112,15 @@ class LayerView:
         stored = self.layer.stored  # a cache layer's datasets (empty: not a cache)
         return self.source.has_features and (not stored or "features" in stored)
 
+    @property
+    def feature_dtype(self) -> str | None:
+        """The dtype the features were stored (or computed) in: it bounds how precisely
+        the statistics resolve small directions (:class:`~nccli.metrics.LayerContext`)."""
+        if isinstance(self.source, ArraySource):
+            return str(self.source._features.dtype)
+        value = self.source.attrs.get("feature_dtype")
+        return None if value is None else str(value)
+
     def batches(self, chunk_rows: int = 8192) -> Batches:
         """``(features, labels)`` chunks of at most ``chunk_rows`` rows (those kept by the
         last pass over this layer when there are, without reading them again)."""

@@ -49,6 +49,22 @@ class MetricSet(dict):
         self.reasons[name] = reason
 
 
+#: unit round-off of the dtypes features are stored in
+_UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8, "float32": 2.0**-24}
+
+
+def noise_floor(dtype: str | None) -> float:
+    """The smallest singular value of the centred means, relative to the largest, that
+    features stored as ``dtype`` resolve: 10 units of round-off (0 for float64).
+
+    The statistics are float64, but of stored values: a class mean of float32 features
+    carries round-off of ~1e-7 of its size, so a direction the means do not span (the
+    hyperplane a final LayerNorm puts the features on) shows up as a singular value of
+    ~1e-7·s_max, and a cutoff of 1e-8 would invert it as signal (nc1 ~5% off on GPT-2-like
+    features)."""
+    return 10.0 * _UNIT_ROUNDOFF.get(str(dtype), 0.0)
+
+
 @dataclass
 class LayerContext:
     """One layer, as the metric kernels see it.
@@ -95,7 +111,9 @@ class LayerContext:
             weight=view.classifier_weight,
             bias=view.classifier_bias,
             center=getattr(opts, "center", "global"),
-            rtol=getattr(opts, "rtol", 1e-8),
+            rtol=max(
+                getattr(opts, "rtol", 1e-8), noise_floor(getattr(view, "feature_dtype", None))
+            ),
             explicit=getattr(opts, "metrics", None) is not None,
             loss=getattr(opts, "loss", None),
             wd_classifier=getattr(opts, "wd_classifier", None),
