@@ -67,15 +67,22 @@ def test_names_grammar():
     assert strip_epoch_step("run1_ckpt_5") == "run1"
 
 
-def test_cache_names_from_the_folder_only_when_needed(tmp_path):
+def test_cache_names_from_the_folder_when_it_tells_them_apart(tmp_path):
     out = tmp_path / "out"
     same = [Path("ep0/ckpt.pth"), Path("ep1/ckpt.pth")]
     assert [api.cache_path(out, p, same) for p in same] == [
         out / "ep0_ckpt.h5",
         out / "ep1_ckpt.h5",
     ]
-    assert api.cache_path(out, Path("ep0/ckpt.pth")) == out / "ckpt.h5"  # alone: as before
-    assert api.cache_path(out, Path("ep0/ckpt.pth"), [Path("ep0/other.pth")]) == out / "ckpt.h5"
+    # the folder carries the epoch, the file does not: the same name whether extracted
+    # alone or with its siblings (one at a time into one -o must not collide)
+    assert api.cache_path(out, Path("ep0/ckpt.pth")) == out / "ep0_ckpt.h5"
+    assert api.cache_path(out, Path("ep0/ckpt.pth"), [Path("ep0/other.pth")]) == (
+        out / "ep0_ckpt.h5"
+    )
+    # neither says anything, or the file does: the file's own name
+    assert api.cache_path(out, Path("best/ckpt.pth")) == out / "ckpt.h5"
+    assert api.cache_path(out, Path("ep0/model_ep3.pth")) == out / "model_ep3.h5"
     hf = Path("checkpoint-500/pytorch_model.bin")
     assert api.cache_path(out, hf) == out / "checkpoint-500_pytorch_model.h5"
     assert api.cache_path(out, Path("run/checkpoint-9/model.safetensors")) == (
@@ -163,6 +170,8 @@ def test_separate_out_dirs_each_row_in_the_table(tmp_path, data):
         (tmp_path / f"ep{e}").mkdir()
         ckpt = save_state_dict(tmp_path / f"ep{e}/ckpt.pth", ARCH, seed=e)
         _extract([ckpt], data, tmp_path / f"o{e}")
+        # as older nccli named them: the same file name in every folder
+        (tmp_path / f"o{e}/ep{e}_ckpt.h5").rename(tmp_path / f"o{e}/ckpt.h5")
         caches.append(str(tmp_path / f"o{e}/ckpt.h5"))
     df, _ = _compare(*caches, "--run-from", "stem")
     assert _epochs(df) == [0, 1, 2]

@@ -139,8 +139,9 @@ MeasureMetricsOpt = Annotated[
     typer.Option(
         "--metrics",
         "-m",
-        help="Comma-separated metric names or families nc1..nc4, geometry, deep, mse "
-        "(default: all that apply to each layer).",
+        help="Comma-separated metric names (`nccli metrics`) or families: classes, nc1..nc4, "
+        "heldout, geometry, deep, mse, variants, ood, all (default: all that apply to each "
+        "layer).",
     ),
 ]
 PerClassOpt = Annotated[
