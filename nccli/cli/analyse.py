@@ -11,6 +11,7 @@ import typer
 from nccli.choices import Across, Precision, ReportKind, RunFrom
 from nccli.cli.core import (
     STATE,
+    Command,
     DebugAfterOpt,
     QuietAfterOpt,
     app,
@@ -63,7 +64,7 @@ def _fewer(option: str | None, num_classes: int | None) -> str | None:
     return f"a smaller {' or '.join(given)}" if given else None
 
 
-@app.command(rich_help_panel="Analyse")
+@app.command(cls=Command, rich_help_panel="Analyse")
 def measure(
     paths: MeasurePathsArg,
     layer: LayerOpt = None,
@@ -143,7 +144,7 @@ def measure(
         print_notes(df.attrs.get("notes", []), STATE.quiet)
 
 
-@app.command(rich_help_panel="Analyse")
+@app.command(cls=Command, rich_help_panel="Analyse")
 def compare(
     paths: ComparePathsArg,
     across: AcrossOpt = Across.epochs,

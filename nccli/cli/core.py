@@ -25,7 +25,30 @@ import typer
 from nccli.cli.options import DebugOpt, QuietOpt, VersionOpt
 from nccli.errors import NCError, UsageError
 
+
+class _Group(typer.core.TyperGroup):
+    """The app's group: its commands are :class:`Command` s."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag(super().get_help_option(ctx))
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose ``--help`` reads as the flag it is (click gives it a ``<bool>``
+    metavar in the option table, which reads as if it took a value)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        return _flag(super().get_help_option(ctx))
+
+
+def _flag(option: Any) -> Any:
+    if option is not None:
+        option.metavar = ""
+    return option
+
+
 app = typer.Typer(
+    cls=_Group,
     name="nccli",
     help="Measure Neural Collapse in trained networks: extract → measure → compare.",
     no_args_is_help=True,

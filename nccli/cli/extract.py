@@ -14,6 +14,7 @@ import typer
 from nccli.choices import Amp, Device, DistBackend, FeatureDtype, Precision
 from nccli.cli.core import (
     STATE,
+    Command,
     DebugAfterOpt,
     QuietAfterOpt,
     app,
@@ -95,7 +96,7 @@ def _lm_options(store_features: bool, max_tokens: int | None, seq_len: int | Non
     return {"store_features": store_features, "max_tokens": max_tokens, "seq_len": seq_len}
 
 
-@app.command(rich_help_panel="Extract")
+@app.command(cls=Command, rich_help_panel="Extract")
 def extract(
     checkpoints: CheckpointsArg,
     data: DataOpt,
@@ -178,7 +179,7 @@ def extract(
             typer.echo(str(p))
 
 
-@app.command(rich_help_panel="Extract")
+@app.command(cls=Command, rich_help_panel="Extract")
 def info(
     path: InfoPathArg,
     arch: ArchOpt = None,

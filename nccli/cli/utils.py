@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from nccli.choices import OutputFormat
-from nccli.cli.core import DebugAfterOpt, QuietAfterOpt, app, user_errors
+from nccli.cli.core import Command, DebugAfterOpt, QuietAfterOpt, app, user_errors
 from nccli.cli.options import FormatOpt
 
 
-@app.command("metrics", rich_help_panel="Utils")
+@app.command("metrics", cls=Command, rich_help_panel="Utils")
 def list_metrics(
     fmt: FormatOpt = None,
     quiet: QuietAfterOpt = False,
