@@ -92,35 +92,31 @@ def _open_reference(source: Any, notes: list[str]) -> Any | None:
 
     The attribute is a file name in the same folder or in the folder above (``../ep5.h5``,
     what ``extract --eval-data`` writes); any other path is not followed."""
-    ref = str(source.attrs["reference_cache"])
-    up = ref.startswith("../")
-    name = ref[3:] if up else ref
+    named = str(source.attrs["reference_cache"])
+    up = named.startswith("../")
+    name = named[3:] if up else named
     if not name or "/" in name or "\\" in name or name in (".", ".."):
-        notes.append(f"{source.label}: ignores its reference_cache {ref!r} (not a file name)")
+        notes.append(f"{source.label}: ignores its reference_cache {named!r} (not a file name)")
         return None
     here = Path(source.path).parent
     path = (here.parent if up else here) / name
     if not path.is_file():
-        notes.append(f"{source.label}: its training cache {name} is not next to it")
+        notes.append(f"{source.label}: its training cache {named} is not there")
         return None
     ref = open_sources([path])[0]
     same = ref.attrs.get("checkpoint_sha256") == source.attrs.get("checkpoint_sha256")
     if not same or split_of(ref) != TRAIN or ref.num_classes != source.num_classes:
         notes.append(
-            f"{source.label}: {name} is not the training cache of the same checkpoint; "
+            f"{source.label}: {named} is not the training cache of the same checkpoint; "
             "nc4 and ncc_acc use its own class means"
         )
         ref.close()
         return None
     notes.append(
         f"{source.label}: split {split_of(source)!r} measured against the training class "
-        f"means of {ref_name(source)}"
+        f"means of {named}"
     )
     return ref
-
-
-def ref_name(source: Any) -> str:
-    return str(source.attrs.get("reference_cache"))
 
 
 def joint_selection(counts: Any, train_counts: Any, min_count: int) -> ClassSelection:

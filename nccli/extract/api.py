@@ -301,15 +301,15 @@ def parse_eval_data(
     """``--eval-data NAME=FILE`` values → ``(split name, dataset spec, folder under -o)``."""
     if not eval_data:
         return []
-    items = list(eval_data.items()) if isinstance(eval_data, Mapping) else []
-    if not isinstance(eval_data, Mapping):
-        for value in eval_data:
-            name, eq, spec = str(value).partition("=")
-            if not eq or not spec:
+    if isinstance(eval_data, Mapping):
+        items = list(eval_data.items())
+    else:
+        items = [str(value).partition("=")[::2] for value in eval_data]
+        for value, (_, spec) in zip(eval_data, items, strict=True):
+            if "=" not in str(value) or not spec:
                 raise UsageError(
                     f"--eval-data {value!r}: write NAME=FILE, e.g. --eval-data test=test.npz"
                 )
-            items.append((name, spec))
     out: list[tuple[str, str, str]] = []
     for name, spec in items:
         if not _SPLIT_NAME.match(name) or name == train_split:

@@ -151,6 +151,7 @@ class Runner:
         n_probe = min(len(ds), PROBE_SAMPLES)
         self.probe = next(iter(ds.iter_batches(n_probe)))[0]
         self.max_label = int(np.max(ds.labels)) if len(ds.labels) else -1
+        self.label_counts = np.bincount(np.asarray(ds.labels, dtype=np.int64).reshape(-1))
         self._digests: dict[tuple[int, int], str] = {}  # inputs' digest per row range
         self._noted: set[str] = set()  # discovery notes are said once per call
 
@@ -295,8 +296,7 @@ class Runner:
     def _note_absent_classes(self, K: int) -> None:
         """One note when the model has classes the data have no sample of (a classifier
         wider than the labels): measure leaves them out (nccli.classes)."""
-        counts = np.bincount(np.asarray(self.ds.labels, dtype=np.int64), minlength=K)[:K]
-        absent = np.flatnonzero(counts == 0)
+        absent = np.setdiff1d(np.arange(K), np.flatnonzero(self.label_counts[:K]))
         text = (
             f"{self.data}: the model has {K} classes and the data have no sample of "
             f"{absent.size} of them ("
