@@ -46,7 +46,10 @@ def _projection(in_planes: int, planes: int, stride: int) -> nn.Sequential:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut, registered under
+    :attr:`projection` (its name in the state dict)."""
+
+    projection = "shortcut"
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -55,32 +58,19 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU()
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = _projection(in_planes, planes, stride)
+        setattr(self, self.projection, _projection(in_planes, planes, stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Residual block forward."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(out + getattr(self, self.projection)(x))
 
 
-class TorchvisionBlock(nn.Module):
+class TorchvisionBlock(BasicBlock):
     """torchvision's ``BasicBlock``: the same block, its projection named ``downsample``."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = _projection(in_planes, planes, stride)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual block forward."""
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+    projection = "downsample"
 
 
 def _stages(width: int, block: type[nn.Module]) -> tuple[list[nn.Sequential], int]:
