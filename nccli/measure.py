@@ -29,6 +29,7 @@ from nccli.heldout import around_reference, held_out_pairs, is_held_out, joint_s
 from nccli.io.sources import Source, open_sources
 from nccli.layers import head_chain
 from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
+from nccli.metrics.context import noise_floor, weak_directions
 from nccli.sizes import parse_size, physical_memory
 from nccli.stats import PRECISIONS
 
@@ -183,7 +184,29 @@ def measure_layer(
         train = reference.stats(recompute=opts.recompute, chunk_rows=opts.chunk_rows)
         ctx.reference = around_reference(stats, train, class_labels(view, stats.num_classes))
     ctx.classifier()  # a classifier of the wrong shape or with NaN is a DataError
-    return evaluate(ctx, names)
+    ms = evaluate(ctx, names)
+    _note_weak_directions(view, ctx, ms, opts)
+    return ms
+
+
+def _note_weak_directions(
+    view: Any, ctx: LayerContext, ms: MetricSet, opts: MeasureOptions
+) -> None:
+    """Say when nc1 inverts directions finer than the stored features resolve (a final
+    LayerNorm's hyperplane in float32 features looks like a 1e-7·s_max direction)."""
+    if not np.isfinite(ms.get("nc1", np.nan)):
+        return
+    dtype = getattr(view, "feature_dtype", None)
+    weak = weak_directions(ctx.stats, ctx.center, ctx.rtol, dtype)
+    if weak:
+        note = (
+            f"{view.source.label} {view.name}: nc1 inverts {weak} direction(s) of the class "
+            f"means below {noise_floor(dtype):.0e}·s_max, finer than {dtype} features resolve "
+            "(round-off, e.g. a LayerNorm's hyperplane, may dominate them; nc1_rank counts "
+            "what was kept)"
+        )
+        if note not in opts.notes:
+            opts.notes.append(note)
 
 
 def measure_sources(

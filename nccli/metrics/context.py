@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from nccli.metrics import deep_linear as deep
+from nccli.metrics import nc
 from nccli.metrics.nc import Undefined, check_classifier
 from nccli.stats import ClassStats
 
-__all__ = ["LayerContext", "MetricSet"]
+__all__ = ["LayerContext", "MetricSet", "noise_floor", "weak_directions"]
 
 
 class MetricSet(dict):
@@ -60,9 +61,22 @@ def noise_floor(dtype: str | None) -> float:
     The statistics are float64, but of stored values: a class mean of float32 features
     carries round-off of ~1e-7 of its size, so a direction the means do not span (the
     hyperplane a final LayerNorm puts the features on) shows up as a singular value of
-    ~1e-7·s_max, and a cutoff of 1e-8 would invert it as signal (nc1 ~5% off on GPT-2-like
-    features)."""
+    ~1e-7·s_max, above nc1's cutoff ``rtol = 1e-8`` (the contract's, docs/metrics.md), and
+    is inverted as if it were signal (nc1 ~5% off on GPT-2-like features): ``measure``
+    notes such directions (:func:`weak_directions`) instead of moving the cutoff."""
     return 10.0 * _UNIT_ROUNDOFF.get(str(dtype), 0.0)
+
+
+def weak_directions(stats: ClassStats, center: str, rtol: float, dtype: str | None) -> int:
+    """How many singular values of the centred means ``nc1`` keeps (above ``rtol·s_max``)
+    that lie below the resolution of features stored as ``dtype`` (:func:`noise_floor`)."""
+    floor = noise_floor(dtype)
+    if floor <= rtol:
+        return 0
+    s = np.asarray(nc.means_singular_values(stats, center))
+    if s.size == 0 or s[0] <= 0:
+        return 0
+    return int(np.count_nonzero((s > rtol * s[0]) & (s < floor * s[0])))
 
 
 @dataclass
@@ -111,9 +125,7 @@ class LayerContext:
             weight=view.classifier_weight,
             bias=view.classifier_bias,
             center=getattr(opts, "center", "global"),
-            rtol=max(
-                getattr(opts, "rtol", 1e-8), noise_floor(getattr(view, "feature_dtype", None))
-            ),
+            rtol=getattr(opts, "rtol", 1e-8),
             explicit=getattr(opts, "metrics", None) is not None,
             loss=getattr(opts, "loss", None),
             wd_classifier=getattr(opts, "wd_classifier", None),
