@@ -8,7 +8,7 @@ A cache records the ``split`` its features came from.  A source whose split is n
 held-out caches live in a folder under the training ones).  With one, the generalisation metrics use the *training* class means:
 
 - ``nc4``, ``ncc_acc``: the nearest class mean is the nearest training mean;
-- ``nc1_vs_train``, ``cdnv_vs_train``: NC1 and CDNV of the held-out features about the
+- ``nc1_train_means``, ``cdnv_train_means``: NC1 and CDNV of the held-out features about the
   training means, from :func:`around_reference` (no second pass).
 
 The held-out split's own-mean metrics (``nc1``, ``cdnv``, ``nc2_*``, ...) are unchanged.

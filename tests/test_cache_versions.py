@@ -52,7 +52,7 @@ def test_version_1_cache_measures_as_nccli_0_1_0_did(tmp_path: Path) -> None:
     added = df[df["metric"] == "classes"]
     assert list(added["value"]) == [float(K)] * 3
     # so are the held-out metrics (nan here: a training split has no training reference)
-    newer = df[df["metric"].str.endswith("_vs_train")]
+    newer = df[df["metric"].str.endswith("_train_means")]
     assert len(newer) == 6 and newer["value"].isna().all()
     known = {row["metric"] for row in expect}
     got = df[df["metric"].isin(known)].to_dict(orient="records")

@@ -99,25 +99,25 @@ def test_test_split_uses_the_training_means(caches):
     mu_g = (n[:, None] * mu_tr).sum(0) / N
     M = mu_tr - mu_g
     Sb = M.T @ M / K
-    assert got["nc1_vs_train"] == pytest.approx(np.trace(Sw @ np.linalg.pinv(Sb)) / K, rel=1e-9)
+    assert got["nc1_train_means"] == pytest.approx(np.trace(Sw @ np.linalg.pinv(Sb)) / K, rel=1e-9)
     var = np.array([(R[y == k] ** 2).sum() / n[k] for k in range(K)])
     pairs = [
         (var[k] + var[j]) / (2 * ((mu_tr[k] - mu_tr[j]) ** 2).sum())
         for k in range(K)
         for j in range(k + 1, K)
     ]
-    assert got["cdnv_vs_train"] == pytest.approx(np.mean(pairs), rel=1e-9)
+    assert got["cdnv_train_means"] == pytest.approx(np.mean(pairs), rel=1e-9)
     # the test split's own-mean NC1 is unchanged, and differs from the one about train means
     alone = _measure(str(caches["test"]), "-l", "classifier", "-m", "nc1,ncc_acc")
     alone = alone.set_index("metric")["value"]
     assert got["nc1"] == pytest.approx(alone["nc1"], rel=1e-12)
-    assert got["nc1_vs_train"] != pytest.approx(got["nc1"], rel=1e-3)
+    assert got["nc1_train_means"] != pytest.approx(got["nc1"], rel=1e-3)
     mu_te = np.stack([h[y == k].mean(0) for k in range(K)])
     own = np.argmin(((h[:, None, :] - mu_te[None]) ** 2).sum(-1), axis=1)
     assert alone["ncc_acc"] == np.mean(own == y)
     # the train split is measured as before
     train = df[df["split"] == "train"].set_index("metric")["value"]
-    assert np.isnan(train["nc1_vs_train"])
+    assert np.isnan(train["nc1_train_means"])
 
 
 def test_alone_a_test_split_says_which_means_it_used(caches):

@@ -105,7 +105,7 @@ class LayerContext:
     layer_weight: Any | None = None
     batches: Callable[[], Iterable[tuple[Any, Any]]] | None = None
     #: a held-out layer's statistics about the training class means (nccli.heldout);
-    #: the nearest-mean decisions and the ``*_vs_train`` metrics use it
+    #: the nearest-mean decisions and the ``*_train_means`` metrics use it
     reference: ClassStats | None = None
     #: the global mean of out-of-distribution features at this layer (``measure --ood``)
     ood_mean: Any | None = None

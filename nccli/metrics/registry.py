@@ -308,7 +308,7 @@ def _never(ctx: LayerContext) -> bool:
 
 
 def _held_out(ctx: LayerContext) -> bool:
-    """``*_vs_train`` by default: held-out layers measured with their training split."""
+    """``*_train_means`` by default: held-out layers measured with their training split."""
     return ctx.reference is not None
 
 
@@ -366,10 +366,10 @@ _d(M("nc1_rank", "nc1", "rank of Σ_B used by nc1: singular values of M above rt
 _d(M("nc1_trace", "nc1", "Tr(Σ_W) / Tr(Σ_B)", lambda c: nc.nc1_trace(c.stats, c.center)))
 _d(M("cdnv", "nc1", "mean_{k<l} (σ_k²+σ_l²) / (2||μ_k-μ_l||²)", lambda c: nc.cdnv(c.stats)))
 # held-out splits: the same about the training class means (nccli.heldout)
-_d(M("nc1_vs_train", "heldout", "nc1 of held-out features about the training means μ_k^tr",
+_d(M("nc1_train_means", "heldout", "nc1 of held-out features about the training means μ_k^tr",
      lambda c: nc.nc1(c.reference, c.center, c.rtol), needs=(REFERENCE,),
      shown_by_default=_held_out))
-_d(M("cdnv_vs_train", "heldout", "cdnv with σ_k² about μ_k^tr, distances ||μ_k^tr-μ_l^tr||",
+_d(M("cdnv_train_means", "heldout", "cdnv with σ_k² about μ_k^tr, distances ||μ_k^tr-μ_l^tr||",
      lambda c: nc.cdnv(c.reference), needs=(REFERENCE,), shown_by_default=_held_out))
 # NC2: simplex ETF of the centred means (mean_vectors), of the classifier rows (classifier_rows)
 _d(M("nc2_equinorm_means", "nc2", "std ||μ_k-μ_G|| / mean ||μ_k-μ_G||",
