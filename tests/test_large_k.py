@@ -32,8 +32,8 @@ from reference import (
 
 from nccli import ClassStats, measure
 from nccli.errors import UsageError
+from nccli.metrics import decisions, nc, pairwise
 from nccli.metrics import geometry as geo
-from nccli.metrics import nc, pairwise
 from nccli.metrics.nc import Undefined
 
 #: (K, d): d > K (the tiled ||G||_F), d < K (the d×d ||VᵀV||_F) and K > d for nc1
@@ -163,7 +163,7 @@ def test_nc4_tiled_equals_the_single_gemm_pass(budget):
     W = rng.normal(size=(K, d))
     b = rng.normal(size=K)
     st = ClassStats.from_arrays(H, y, K)
-    got = nc.nc4_pass(_batches(H, y, 1500), st, W, b, budget=budget)
+    got = decisions.nc4_pass(_batches(H, y, 1500), st, W, b, budget=budget)
     got.pop("margin_min")  # tested in test_variants.py
     assert got == direct_nc4(H, y, st.means, st.counts, W, b)
 
@@ -188,14 +188,14 @@ def test_nc4_ties_resolve_to_the_first_index(budget):
     H, y, W, K = _tied_problem()
     st = ClassStats.from_arrays(H, y, K)
     assert np.all(st.global_mean() == 0)
-    got = nc.nc4_pass(_batches(H, y, 500), st, W, None, budget=budget)
+    got = decisions.nc4_pass(_batches(H, y, 500), st, W, None, budget=budget)
     got.pop("margin_min")  # tested in test_variants.py
     want = direct_nc4(H, y, st.means, st.counts, W)
     assert got == want
     # the ties are real: the second half of the classes never wins
     hc = H - st.global_mean()
-    blocks = nc._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
-    pred, ncc = nc._nc4_rows(hc, blocks, np)
+    blocks = decisions._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
+    pred, ncc = decisions._nc4_rows(hc, blocks, np)
     assert pred.max() < K // 2 and ncc.max() < K // 2
     np.testing.assert_array_equal(pred, np.argmax(hc @ W.T, axis=1))
 
@@ -204,10 +204,10 @@ def test_nc4_running_argmax_in_torch_matches_numpy():
     """The device branch (torch tensors) folds tiles the same way, ties included."""
     H, y, W, K = _tied_problem()
     st = ClassStats.from_arrays(H, y, K)
-    blocks = nc._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
+    blocks = decisions._nc4_blocks(W, st.means, np.zeros(K), np.sum(st.means**2, 1), 256)
     t_blocks = [(k0, *(torch.as_tensor(a) for a in r)) for k0, *r in blocks]
-    pred, ncc = nc._nc4_rows(H, blocks, np)
-    tp, tn = nc._nc4_rows(torch.as_tensor(H), t_blocks, torch)
+    pred, ncc = decisions._nc4_rows(H, blocks, np)
+    tp, tn = decisions._nc4_rows(torch.as_tensor(H), t_blocks, torch)
     np.testing.assert_array_equal(pred, tp.numpy())
     np.testing.assert_array_equal(ncc, tn.numpy())
 

@@ -121,7 +121,7 @@ def test_cli_ood_and_the_variants(tmp_path):
 def test_margin_min_from_the_nc4_pass():
     """The smallest one-vs-rest margin, against a direct float64 computation, tiles of
     classes and chunks of rows included."""
-    from nccli.metrics.nc import nc4_pass
+    from nccli.metrics.decisions import nc4_pass
     from nccli.stats import ClassStats
 
     K, d, n = 12, 5, 300

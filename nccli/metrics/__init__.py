@@ -18,7 +18,8 @@ from typing import Any
 
 from nccli.errors import UsageError
 from nccli.metrics.context import LayerContext, MetricSet
-from nccli.metrics.nc import Undefined, nc4_pass
+from nccli.metrics.decisions import nc4_pass
+from nccli.metrics.nc import Undefined
 from nccli.metrics.registry import CORE_FAMILIES, METRICS, Metric, Registry, evaluate
 from nccli.stats import ClassStats
 

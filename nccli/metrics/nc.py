@@ -9,14 +9,13 @@ Functions raise :class:`Undefined` with a reason when a metric has no value for 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from nccli.errors import DataError
 from nccli.metrics import pairwise as pw
-from nccli.stats import ClassStats, as_array, as_tensor, check_batch, import_torch
+from nccli.stats import ClassStats
 
 
 class Undefined(ValueError):
@@ -426,153 +425,3 @@ def check_classifier(
         if not np.isfinite(b).all():
             raise DataError(f"{source}: classifier bias contains NaN or Inf; check the checkpoint")
     return W, b
-
-
-#: float64 (rows × class-tile) temporaries of one step of the NC4 pass: the logits and the
-#: distances, and their argmax/argmin scratch
-_NC4_TEMPS = 4
-#: the NC4 pass never uses class tiles narrower than this (rows are split instead)
-_NC4_MIN_TILE = 256
-
-
-def _nc4_blocks(
-    W: np.ndarray, mu: np.ndarray, b: np.ndarray, mu_sq: np.ndarray, t: int
-) -> list[tuple]:
-    """``W`` and ``μ`` in class tiles: ``(k0, W_tile, μ_tile, bias, ||μ||²)`` per tile (row
-    ranges: views, no copy)."""
-    K = b.size
-    return [
-        (k0, W[k0 : k0 + t], mu[k0 : k0 + t], b[k0 : k0 + t], mu_sq[k0 : k0 + t])
-        for k0 in range(0, K, t)
-    ]
-
-
-def _running(best: Any, idx: Any, vals: Any, k0: int, xp: Any, largest: bool) -> tuple[Any, Any]:
-    """Fold one tile into a running argmax (``largest``) or argmin with ties to the first
-    index, as ``argmax``/``argmin`` over the whole row resolve them: a later tile wins only
-    when strictly better."""
-    if xp is np:
-        j = np.argmax(vals, axis=1) if largest else np.argmin(vals, axis=1)
-        v = np.take_along_axis(vals, j[:, None], axis=1)[:, 0]
-    else:
-        j = xp.argmax(vals, dim=1) if largest else xp.argmin(vals, dim=1)
-        v = xp.gather(vals, 1, j[:, None])[:, 0]
-    if best is None:
-        return v, j + k0
-    better = v > best if largest else v < best
-    return xp.where(better, v, best), xp.where(better, j + k0, idx)
-
-
-def _nc4_rows(hc: Any, blocks: list[tuple], xp: Any, y: Any = None) -> tuple[Any, ...]:
-    """Classifier decision and nearest mean of the centred rows ``hc``, tile by tile; with
-    the labels ``y`` also each row's one-vs-rest margin ``z_y − max_{k≠y} z_k``."""
-    pred_v = pred = ncc_v = ncc = None
-    n = hc.shape[0]
-    inf = float("inf")
-    own = (
-        xp.full((n,), -inf, dtype=hc.dtype)
-        if xp is np
-        else xp.full((n,), -inf, dtype=hc.dtype, device=hc.device)
-    )
-    rest = own.clone() if xp is not np else own.copy()
-    for k0, W, mu, b, mu_sq in blocks:
-        logits = hc @ W.T
-        logits += b
-        dist = hc @ mu.T
-        dist *= -2.0  # exact: then ``+ ||μ||²`` rounds as ``||μ||² - 2·prod`` does
-        dist += mu_sq
-        pred_v, pred = _running(pred_v, pred, logits, k0, xp, largest=True)
-        ncc_v, ncc = _running(ncc_v, ncc, dist, k0, xp, largest=False)
-        if y is None:
-            continue
-        # the true class's logit where it falls in this tile, and the best of the others
-        mine = (y >= k0) & (y < k0 + logits.shape[1])
-        r = xp.nonzero(mine)[0] if xp is np else xp.nonzero(mine)[:, 0]
-        if r.shape[0]:
-            cols = y[r] - k0
-            own[r] = logits[r, cols]
-            logits[r, cols] = -inf
-        top = logits.max(axis=1) if xp is np else logits.max(dim=1).values
-        rest = xp.maximum(rest, top)
-    return (pred, ncc) if y is None else (pred, ncc, own - rest)
-
-
-def nc4_pass(
-    batches: Iterable[tuple[Any, Any]],
-    stats: ClassStats,
-    weight: Any,
-    bias: Any | None = None,
-    *,
-    device: Any = None,
-    budget: int = pw.TILE_BYTES,
-) -> dict[str, float]:
-    """Second chunked pass: ``nc4``, ``acc``, ``ncc_acc`` and ``margin_min`` (the smallest
-    one-vs-rest margin ``(z_{y_i} − max_{k≠y_i} z_k) / ||W||_F``, ``z = W h_i + b``).
-
-    ``nc4`` is the fraction of samples whose classifier decision ``argmax_k(w_k·h + b_k)``
-    differs from the nearest class mean ``argmin_k ||h - μ_k||``.  Each chunk of rows is
-    multiplied by ``[W; μ]`` one tile of classes at a time, with a running argmax/argmin
-    (ties to the first index, as over the whole row); the rows × tile temporaries stay
-    within ``budget`` bytes (the rows of a chunk are split when a tile of
-    :data:`_NC4_MIN_TILE` classes would not fit).  Distances use ``-2hᵀμ_k + ||μ_k||²``
-    (``||h||²`` is the same for every k).  Classes without samples are never the nearest
-    mean.  Computed in float64 so that ties are not created by rounding.
-    """
-    on_cpu = str(getattr(device, "type", device or "cpu")).split(":")[0] == "cpu"
-    torch = None if on_cpu else import_torch()  # numpy on the CPU: no torch
-    dev = "cpu" if on_cpu else torch.device(device)
-    Wn, bn = check_classifier(weight, bias, stats.num_classes, stats.dim, stats.source)
-    K = Wn.shape[0]
-    b = bn if bn is not None else np.zeros(K)
-    # distances are shift-invariant: measure them from μ_G so a large common offset of the
-    # features does not eat the digits that separate the classes
-    mu_g = stats.global_mean("global")
-    mu = stats.means - mu_g
-    step = max(1, budget // (8 * max(1, stats.dim)))  # row blocks: no second K×d array
-    mu_sq = np.concatenate(
-        [np.sum(mu[s : s + step] * mu[s : s + step], axis=1) for s in range(0, K, step)]
-    )
-    mu_sq[stats.counts == 0] = np.inf
-    # logits of centred features: W(h - μ_G) + (b + W μ_G) is the same affine map
-    b = b + Wn @ mu_g
-    xp = np if on_cpu else torch
-    blocks: list[tuple] | None = None
-    rows = 1
-    n = mismatch = correct = ncc_correct = 0
-    margin = float("inf")
-    for h, y in batches:
-        h, y = (as_array(h), as_array(y)) if on_cpu else (as_tensor(h, dev), as_tensor(y, dev))
-        h, y = check_batch(h, y, K, stats.dim, stats.source)
-        if blocks is None:  # tiles from the first (largest) chunk and the budget
-            per_row = 8 * _NC4_TEMPS * max(1, h.shape[0])
-            t = min(K, max(_NC4_MIN_TILE, budget // per_row))
-            rows = max(1, budget // (8 * _NC4_TEMPS * t))
-            blocks = _nc4_blocks(Wn, mu, b, mu_sq, t)
-            if not on_cpu:
-                blocks = [(k0, *(torch.as_tensor(a, device=dev) for a in r)) for k0, *r in blocks]
-                mu_g_t = torch.as_tensor(mu_g, device=dev)
-        if on_cpu:  # numpy: its GEMM and argmax measured faster than torch's on the CPU
-            hc = h.astype(np.float64)  # always a copy: centred in place
-            hc -= mu_g
-            yn = y
-        else:
-            hc = h.to(torch.float64) - mu_g_t
-            yn = y.cpu().numpy()
-        for s in range(0, hc.shape[0], rows):
-            pred, ncc, gap = _nc4_rows(hc[s : s + rows], blocks, xp, y[s : s + rows])
-            if not on_cpu:
-                pred, ncc, gap = pred.cpu().numpy(), ncc.cpu().numpy(), gap.cpu().numpy()
-            if gap.size:
-                margin = min(margin, float(gap.min()))
-            ys = yn[s : s + rows]
-            mismatch += int(np.sum(pred != ncc))
-            correct += int(np.sum(pred == ys))
-            ncc_correct += int(np.sum(ncc == ys))
-        n += len(yn)
-    if n == 0:
-        raise Undefined("no samples")
-    out = {"nc4": mismatch / n, "acc": correct / n, "ncc_acc": ncc_correct / n}
-    w_norm = float(np.linalg.norm(Wn))
-    if K > 1 and w_norm > 0:  # else no other class, or no scale: the registry says why
-        out["margin_min"] = margin / w_norm
-    return out

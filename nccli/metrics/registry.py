@@ -48,7 +48,8 @@ from nccli.metrics import mse as mse_mod
 from nccli.metrics import nc
 from nccli.metrics import variants as var
 from nccli.metrics.context import LayerContext, MetricSet
-from nccli.metrics.nc import Undefined, nc4_pass
+from nccli.metrics.decisions import nc4_pass
+from nccli.metrics.nc import Undefined
 
 __all__ = [
     "CHAIN",
