@@ -17,10 +17,9 @@ import fnmatch
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from nccli import analyses
 from nccli.classes import MeasuredView, class_labels, select_classes
@@ -32,6 +31,10 @@ from nccli.metrics import LayerContext, MetricSet, evaluate, select_metrics
 from nccli.metrics.context import noise_floor, weak_directions
 from nccli.sizes import parse_size, physical_memory
 from nccli.stats import PRECISIONS
+from nccli.table import Rows
+
+if TYPE_CHECKING:  # pragma: no cover - the DataFrame is built only for Python callers
+    import pandas as pd
 
 TIDY_COLUMNS = ["source", "epoch", "layer", "metric", "value"]
 #: the default budget for keeping a layer's features between the two passes
@@ -215,13 +218,24 @@ def measure_sources(
     progress: Callable[[str], None] | None = None,
     references: dict[int, Source] | None = None,
 ) -> pd.DataFrame:
-    """Tidy rows for already opened sources (see :func:`measure`).
+    """Tidy rows for already opened sources (see :func:`measure`), as a DataFrame.
 
     A held-out split with its training split among the inputs (:mod:`nccli.heldout`) is
     measured against the training class means; a ``split`` column then says which rows
     are which (it appears whenever the inputs hold more than one split).  ``references``
     pairs each held-out source with its training source when the caller already did
     (``compare`` measures one checkpoint at a time); by default they are paired here."""
+    return measure_rows(sources, opts, progress, references).to_frame()
+
+
+def measure_rows(
+    sources: Iterable[Source],
+    opts: MeasureOptions,
+    progress: Callable[[str], None] | None = None,
+    references: dict[int, Source] | None = None,
+) -> Rows:
+    """:func:`measure_sources` without pandas: the same rows as a :class:`~nccli.table.Rows`
+    (``epoch``, ``class``, ``class2`` are ``Int64`` columns; ``attrs`` has the notes)."""
     sources = list(sources)
     names = select_metrics(opts.metrics)
     rows: list[dict[str, Any]] = []
@@ -239,13 +253,10 @@ def measure_sources(
     extra = ["class"] if opts.per_class or opts.geometry else []
     extra += ["class2"] if opts.geometry else []
     cols = [*lead, *TIDY_COLUMNS[1:3], *extra, *TIDY_COLUMNS[3:]]
-    df = pd.DataFrame(rows, columns=cols)
-    df["epoch"] = df["epoch"].astype("Int64")
-    for col in extra:
-        df[col] = df[col].astype("Int64")
-    df.attrs["notes"] = list(opts.notes)
-    df.attrs["center"] = opts.center
-    return df
+    out = Rows.from_records(rows, cols, dict.fromkeys(["epoch", *extra], "int"))
+    out.attrs["notes"] = list(opts.notes)
+    out.attrs["center"] = opts.center
+    return out
 
 
 def _source_rows(
@@ -349,9 +360,8 @@ def measure(
     ``ood`` is a cache or features file of out-of-distribution inputs through the same
     model: its per-layer global mean gives ``nc5``.
     """
-    if isinstance(layers, str):
-        layers = [s.strip() for s in layers.split(",") if s.strip()]
-    opts = MeasureOptions(
+    return measure_table(
+        paths,
         layers=layers,
         metrics=metrics,
         per_class=per_class,
@@ -368,9 +378,24 @@ def measure(
         precision=precision,
         max_memory=max_memory,
         ood=ood,
-    )
+        skip_nonfinite=skip_nonfinite,
+    ).to_frame()
+
+
+def measure_table(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    skip_nonfinite: bool = False,
+    **options: Any,
+) -> Rows:
+    """:func:`measure`'s rows without pandas (what ``nccli measure`` writes): the same
+    keywords (the fields of :class:`MeasureOptions`), a :class:`~nccli.table.Rows` back."""
+    layers = options.get("layers")
+    if isinstance(layers, str):
+        options["layers"] = [s.strip() for s in layers.split(",") if s.strip()]
+    opts = MeasureOptions(**options)
     with opened_sources(paths, opts, skip_nonfinite=skip_nonfinite) as sources:
-        return measure_sources(sources, opts)
+        return measure_rows(sources, opts)
 
 
 @contextlib.contextmanager

@@ -126,9 +126,9 @@ def measure(
             emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
             print_notes(df.attrs.get("notes", []), STATE.quiet)
             return
-        from nccli.measure import measure as run_measure
+        from nccli.measure import measure_table
 
-        df = run_measure(
+        df = measure_table(
             inputs,
             layers=split_list(layer) or None,
             metrics=metrics,

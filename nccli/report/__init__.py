@@ -19,10 +19,12 @@ modules here only turn them into output:
 =====================================  ===================================================
 
 This package imports no command-line code, and the storage and numerics layers
-(``nccli.io``, ``nccli.stats``, ``nccli.metrics``) never import it.  The data writers and
-the measure table are re-exported here, imported on first use (so ``nccli.report.console``
-and ``nccli info`` do not load pandas); the other renderers are imported from their
-modules (they pull in ``nccli.compare`` or matplotlib).
+(``nccli.io``, ``nccli.stats``, ``nccli.metrics``) never import it.  The writers and
+renderers take the commands' :class:`~nccli.table.Rows` (or a DataFrame) and never import
+pandas; only :mod:`~nccli.report.plot` works on DataFrames.  The data writers and the
+measure table are re-exported here, imported on first use (so ``nccli.report.console`` and
+``nccli info`` load neither the metric registry nor them); the other renderers are
+imported from their modules (they pull in ``nccli.compare`` or matplotlib).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where a result frame goes: a table on a terminal, CSV when piped, or a file (``-o``).
+"""Where a result (:class:`~nccli.table.Rows`, or a DataFrame) goes: a table on a
+terminal, CSV when piped, or a file (``-o``).
 
 A file is written to ``<name>.partial`` and renamed (:func:`nccli.io.safe.atomic_output`),
 so a failed write (a full disk) never leaves a truncated file under the requested name, a
@@ -10,8 +11,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import pandas as pd
 from rich.console import Console
 
 from nccli.errors import DataError, UsageError
@@ -20,7 +21,8 @@ from nccli.report.console import stdout_console
 from nccli.report.data import OutputFormat, write_data
 from nccli.report.measure_table import render_measure_table
 
-TableRenderer = Callable[[pd.DataFrame, Console], None]
+#: draws a result (:class:`~nccli.table.Rows` or a DataFrame) on a console
+TableRenderer = Callable[[Any, Console], None]
 
 
 #: ``-o`` without ``--format``: the format its suffix names (any other suffix: CSV)
@@ -38,7 +40,7 @@ def resolve_format(fmt: OutputFormat | None, output: Path | None = None) -> Outp
     return OutputFormat.table if sys.stdout.isatty() else OutputFormat.csv
 
 
-def write_file(df: pd.DataFrame, fmt: OutputFormat, output: Path, *, as_wide: bool) -> None:
+def write_file(df: Any, fmt: OutputFormat, output: Path, *, as_wide: bool) -> None:
     """Write ``df`` to ``output`` (a table becomes CSV) through a ``.partial`` file
     (:func:`nccli.io.safe.atomic_output`: no links followed, one writer at a time)."""
     if fmt is OutputFormat.table:
@@ -58,7 +60,7 @@ def write_file(df: pd.DataFrame, fmt: OutputFormat, output: Path, *, as_wide: bo
 
 
 def emit(
-    df: pd.DataFrame,
+    df: Any,
     fmt: OutputFormat | None,
     *,
     as_wide: bool,
