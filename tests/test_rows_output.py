@@ -127,3 +127,54 @@ def test_kinds_follow_pandas_inference():
         got = io.StringIO()
         write_data(rows.select([c]), OutputFormat.csv, got)
         assert got.getvalue() == _ref_write(df[[c]], OutputFormat.csv, False)
+
+
+def _cache(path, epoch: int, run: str) -> None:
+    from nccli import ClassStats
+    from nccli.io.cache import CacheWriter, LayerSpec
+
+    K, N, D = 3, 60, 5
+    rng = np.random.default_rng(epoch + 10 * len(run))
+    y = np.arange(N) % K
+    h = (rng.normal(size=(N, D)) + 3 * np.eye(K, D)[y]).astype(np.float32)
+    specs = [
+        LayerSpec("a", D, module="a", depth=0),
+        LayerSpec(
+            "fc", D, module="fc", depth=1, role="penultimate", weight=rng.normal(size=(K, D))
+        ),
+    ]
+    w = CacheWriter(path, specs, N, K, attrs={"epoch": epoch, "run": run, "classifier": "fc"})
+    w.write_rows(0, y, np.arange(N), {"a": h, "fc": 2 * h}, logits=None)
+    w.finalize({"a": ClassStats.from_arrays(h, y, K), "fc": ClassStats.from_arrays(2 * h, y, K)})
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"fail_if": ["nc1>0.1"]},
+        {"by": "run", "fail_if": ["delta_nc1<0"], "fail_if_last": True},
+        {"across": "layers"},
+        {"across": "runs", "metrics": "nc1,nc3"},
+    ],
+)
+def test_compare_rows_are_the_frame(tmp_path, kw):
+    from nccli.compare import compare, to_wide
+
+    paths = []
+    for run in ("r1", "r2"):
+        for epoch in (1, 5):
+            paths.append(tmp_path / f"{run}_ep{epoch}.h5")
+            _cache(paths[-1], epoch, run)
+    res = compare(paths, **kw)
+    df = res.data
+    assert res.rows.to_frame().equals(df)
+    assert df.attrs["notes"] == res.notes
+    for fmt in (OutputFormat.csv, OutputFormat.json):
+        got = io.StringIO()
+        write_data(res.rows, fmt, got)
+        assert got.getvalue() == _ref_write(df, fmt, False)
+    wide_df = res.wide()
+    pd.testing.assert_frame_equal(to_wide(df), wide_df)
+    got = io.StringIO()
+    write_data(res.wide_rows(), OutputFormat.csv, got)
+    assert got.getvalue() == _ref_write(wide_df, OutputFormat.csv, False)

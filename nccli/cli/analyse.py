@@ -205,7 +205,7 @@ def compare(
                 fit=None if fit is None else fit.value,
                 progress=progress,
             )
-        data = result.wide() if as_wide else result.data
+        data = result.wide_rows() if as_wide else result.rows
         emit(
             data,
             fmt,

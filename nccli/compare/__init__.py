@@ -1,7 +1,7 @@
 """``compare``: many checkpoints → one trajectory of Neural Collapse metrics.
 
 The Python API behind ``nccli compare``.  Every input is measured with
-:func:`nccli.measure.measure_sources` and the rows are arranged for comparison:
+:func:`nccli.measure.measure_rows` and the rows are arranged for comparison:
 
 ``across="epochs"`` (default)
     every checkpoint, ordered by epoch (then step) within each run, else by natural sort
@@ -46,12 +46,11 @@ Modules: this one (the use case and its result), :mod:`~nccli.compare.runs` (run
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from nccli.choices import Across, By
 from nccli.compare.arrange import arrange, collapse_notes, label_by_role, public_columns, with_fits
@@ -67,8 +66,12 @@ from nccli.compare.thresholds import (
 from nccli.errors import DataError, ThresholdExceeded, UsageError
 from nccli.heldout import TRAIN, held_out_pairs, split_of
 from nccli.io.sources import Source, open_sources
-from nccli.measure import MeasureOptions, measure_sources
+from nccli.measure import MeasureOptions, measure_rows
 from nccli.metrics import select_metrics
+from nccli.table import Rows, key_of
+
+if TYPE_CHECKING:  # pragma: no cover - DataFrames are built only for Python callers
+    import pandas as pd
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -94,9 +97,12 @@ INDEX_COLUMNS = ("source", "run", "split", "epoch", "step", "layer")
 # ---------------------------------------------------------------------- result
 @dataclass
 class CompareResult:
-    """Tidy rows of a comparison, the thresholds and the rows that crossed them."""
+    """Tidy rows of a comparison, the thresholds and the rows that crossed them.
 
-    data: pd.DataFrame
+    ``rows`` are the tidy rows as a :class:`~nccli.table.Rows` (what ``nccli compare``
+    writes, without pandas); :attr:`data` is the same rows as a DataFrame."""
+
+    rows: Rows
     violations: list[Violation]
     across: Across
     by: By | None
@@ -118,14 +124,23 @@ class CompareResult:
         """No threshold was crossed, and every threshold checked something."""
         return not self.violations and not self.unchecked
 
+    @functools.cached_property
+    def data(self) -> pd.DataFrame:
+        """The tidy rows as a DataFrame (built on first use; ``attrs`` has the notes)."""
+        return self.rows.to_frame()
+
     @property
     def has_runs(self) -> bool:
         """Whether the ``run`` column is present."""
-        return "run" in self.data.columns
+        return "run" in self.rows
 
     def wide(self) -> pd.DataFrame:
         """One row per (source, run, epoch, step, layer), one column per metric."""
-        return to_wide(self.data)
+        return to_wide(self.rows).to_frame()
+
+    def wide_rows(self) -> Rows:
+        """:meth:`wide` as a :class:`~nccli.table.Rows` (no pandas)."""
+        return to_wide(self.rows)
 
     def check(self, name_first: bool = True) -> None:
         """Raise :class:`~nccli.errors.ThresholdExceeded` when any row crossed a threshold
@@ -147,22 +162,22 @@ class CompareResult:
             raise ThresholdExceeded("; ".join(parts))
 
 
-def to_wide(df: pd.DataFrame) -> pd.DataFrame:
-    """Pivot tidy compare rows: index columns kept in order, a column per metric."""
-    idx = [c for c in INDEX_COLUMNS if c in df.columns]
-    metrics = list(dict.fromkeys(df["metric"]))
+def to_wide(df: Any) -> Any:
+    """Pivot tidy compare rows: index columns kept in order, a column per metric (a
+    :class:`~nccli.table.Rows` gives a Rows, a DataFrame a DataFrame)."""
+    rows = df if isinstance(df, Rows) else Rows.from_frame(df)
+    idx = [c for c in INDEX_COLUMNS if c in rows]
+    metrics = list(dict.fromkeys(rows["metric"]))
     records: dict[tuple, dict[str, Any]] = {}
-    for row in df[[*idx, "metric", "value"]].itertuples(index=False, name=None):
-        key = tuple(None if pd.isna(v) else v for v in row[: len(idx)])
+    for row in rows.tuples([*idx, "metric", "value"]):
+        key = tuple(map(key_of, row[: len(idx)]))
         rec = records.setdefault(key, dict(zip(idx, key, strict=True)))
         rec[row[len(idx)]] = row[len(idx) + 1]
-    out = pd.DataFrame(list(records.values()), columns=[*idx, *metrics])
-    for c in ("epoch", "step"):
-        if c in out.columns:
-            out[c] = out[c].astype("Int64")
-    for m in metrics:
-        out[m] = out[m].astype(float)
-    return out
+    kinds = {c: "int" if c in ("epoch", "step") else rows.kinds[c] for c in idx}
+    out = Rows.from_records(
+        records.values(), [*idx, *metrics], kinds | dict.fromkeys(metrics, "float")
+    )
+    return out if isinstance(df, Rows) else out.to_frame()
 
 
 # --------------------------------------------------------------------- compare
@@ -246,10 +261,9 @@ def compare(
         data = with_fits(data, names, notes)
     violations, checked, unchecked = find_violations(data, thresholds, fail_if_last, notes)
     out = public_columns(data, keep_run=by is not None or across is Across.runs or len(runs) > 1)
-    out.attrs["notes"] = list(notes)
-    out.attrs["center"] = center
+    out.attrs = {"notes": list(notes), "center": center}
     return CompareResult(
-        data=out,
+        rows=out,
         violations=violations,
         across=across,
         by=by,
@@ -280,7 +294,7 @@ def _measure_checkpoints(
     opts: MeasureOptions,
     progress: Callable[[str], None] | None,
     notes: list[str],
-) -> list[pd.DataFrame]:
+) -> list[Rows]:
     """Each checkpoint's rows (held-out splits paired with their training split), the
     layers labelled by role where models name them differently, and the notes."""
     with held_out_pairs(sources, notes) as refs:
@@ -417,20 +431,20 @@ def _measure_all(
     opts: MeasureOptions,
     progress: Callable[[str], None] | None,
     references: dict[int, Source],
-) -> list[pd.DataFrame]:
+) -> list[Rows]:
     """Measure each checkpoint; its rows carry the run, the step and the sort keys
     ``_ck`` (checkpoint), ``_run`` (run) and ``_lr`` (layer depth)."""
     run_rank = {r: i for i, r in enumerate(runs)}
     frames = []
     for rank, c in enumerate(ckpts):
-        df = measure_sources([c.source], opts, progress, references)
+        rows = measure_rows([c.source], opts, progress, references)
         layer_rank = {name: i for i, name in enumerate(c.source.layers)}
-        df.insert(1, "run", c.run)
-        df.insert(3, "step", c.source.step)
-        df["_ck"] = rank
-        df["_run"] = run_rank[c.run]
-        df["_lr"] = df["layer"].map(layer_rank)
-        frames.append(df)
+        n = len(rows)
+        rows = rows.with_column("run", [c.run] * n, at=1)
+        rows = rows.with_column("step", [c.source.step] * n, at=3, kind="int")
+        rows = rows.with_column("_ck", [rank] * n)
+        rows = rows.with_column("_run", [run_rank[c.run]] * n)
+        frames.append(rows.with_column("_lr", rows.map("layer", layer_rank)))
     return frames
 
 

@@ -1,14 +1,14 @@
 """Arranging ``compare``'s rows: one frame in display order, the ``--by run`` deltas, the
 ``--fit depth`` rows, layers lined up by role, repeated notes merged, and the public
-columns (:mod:`nccli.compare` is the use case that calls these)."""
+columns (:mod:`nccli.compare` is the use case that calls these).  The rows are
+:class:`~nccli.table.Rows`: no pandas on the way from the caches to the output."""
 
 from __future__ import annotations
-
-import pandas as pd
 
 from nccli.compare.depth import FIT_SUFFIXES, depth_fits
 from nccli.compare.thresholds import DELTA_PREFIX
 from nccli.heldout import TRAIN
+from nccli.table import Rows, is_missing
 
 __all__ = [
     "ONE_LAYER_ROLES",
@@ -24,7 +24,7 @@ __all__ = [
 ONE_LAYER_ROLES = ("penultimate", "classifier")
 
 
-def label_by_role(frames: list[pd.DataFrame], layers: list[str] | None, notes: list[str]) -> None:
+def label_by_role(frames: list[Rows], layers: list[str] | None, notes: list[str]) -> None:
     """``--layer penultimate`` / ``--layer classifier`` across models that name that layer
     differently (``fc``, ``classifier``, ``head.0``): label the rows by the role so the
     runs line up (tables, deltas, the plot), and say which layer each source gave."""
@@ -38,65 +38,61 @@ def label_by_role(frames: list[pd.DataFrame], layers: list[str] | None, notes: l
     if len(first) < 2:
         return
     for df in frames:
-        df["layer"] = role
+        df.data["layer"] = [role] * len(df)
     which = ", ".join(f"{name} ({who})" for name, who in first.items())
     notes.append(f"--layer {role} is {which} in these models: rows are labelled {role}")
 
 
 def arrange(
-    frames: list[pd.DataFrame],
+    frames: list[Rows],
     names: list[str],
     by_run: bool,
     baseline: str | None,
     notes: list[str],
-) -> pd.DataFrame:
+) -> Rows:
     """One frame, with the ``delta_`` rows for ``by="run"``, sorted for display: by run,
     checkpoint, layer, metric (or by epoch first, runs side by side, with ``by="run"``)."""
-    data = pd.concat(frames, ignore_index=True)
-    data["step"] = data["step"].astype("Int64")
-    data["epoch"] = data["epoch"].astype("Int64")
+    data = Rows.concat(frames)
     metric_rank = {m: i for i, m in enumerate(names)}
     metric_rank.update({DELTA_PREFIX + m: len(names) + i for i, m in enumerate(names)})
     if by_run:
         deltas = _deltas(data, baseline, names, notes)
         if not deltas.empty:
-            data = pd.concat([data, deltas], ignore_index=True)
+            data = Rows.concat([data, deltas])
         order = ["epoch", "step", "_run", "_lr", "_mr"]
     else:
         order = ["_run", "_ck", "_lr", "_mr"]
-    data["_mr"] = data["metric"].map(metric_rank)
-    return data.sort_values(order, kind="stable", na_position="last").reset_index(drop=True)
+    return data.with_column("_mr", data.map("metric", metric_rank)).sort(order)
 
 
-def with_fits(data: pd.DataFrame, names: list[str], notes: list[str]) -> pd.DataFrame:
+def with_fits(data: Rows, names: list[str], notes: list[str]) -> Rows:
     """``data`` with each checkpoint's depth-fit rows after its layers (:mod:`.depth`)."""
     fits = depth_fits(data, names, notes)
     if fits.empty:
         return data
-    fits["_lr"] = len(data)  # after every layer of the checkpoint
+    fits = fits.with_column("_lr", [len(data)] * len(fits))  # after every layer
     # each metric's slope, ratio, r2 together, in the order of the metrics
     rank = {
         m + s: len(names) + len(FIT_SUFFIXES) * j + i
         for j, m in enumerate(names)
         for i, s in enumerate(FIT_SUFFIXES)
     }
-    fits["_mr"] = fits["metric"].map(rank)
-    out = pd.concat([data, fits], ignore_index=True)
-    return out.sort_values(["_run", "_ck", "_lr", "_mr"], kind="stable").reset_index(drop=True)
+    fits = fits.with_column("_mr", fits.map("metric", rank))
+    return Rows.concat([data, fits]).sort(["_run", "_ck", "_lr", "_mr"])
 
 
-def public_columns(data: pd.DataFrame, *, keep_run: bool) -> pd.DataFrame:
+def public_columns(data: Rows, *, keep_run: bool) -> Rows:
     """The tidy columns (``run`` only when ``keep_run``, ``step`` only when any is set,
     ``split`` only when the inputs hold more than one split or a held-out one)."""
-    keep_step = bool(data["step"].notna().any())
-    splits = set(data["split"].dropna()) if "split" in data.columns else set()
+    keep_step = not all(map(is_missing, data["step"]))
+    splits = {s for s in data["split"] if not is_missing(s)} if "split" in data else set()
     keep_split = len(splits) > 1 or bool(splits - {TRAIN})
     cols = [
         c
         for c in ("source", "run", "split", "epoch", "step", "layer", "metric", "value")
         if (c != "run" or keep_run) and (c != "step" or keep_step) and (c != "split" or keep_split)
     ]
-    return data[cols].copy()
+    return data.select(cols)
 
 
 def collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
@@ -116,18 +112,15 @@ def collapse_notes(notes: list[str], labels: list[str]) -> list[str]:
     return out
 
 
-def _deltas(data: pd.DataFrame, baseline: str, names: list[str], notes: list[str]) -> pd.DataFrame:
+def _deltas(data: Rows, baseline: str, names: list[str], notes: list[str]) -> Rows:
     """``delta_<m>`` rows: each non-baseline run minus the baseline at the same epoch, layer."""
-    base = data[data["run"] == baseline]
+    base = data.where([r == baseline for r in data["run"]])
     ref = {
-        (e, layer, m): v
-        for e, layer, m, v in base[["epoch", "layer", "metric", "value"]].itertuples(
-            index=False, name=None
-        )
+        (e, layer, m): v for e, layer, m, v in base.tuples(["epoch", "layer", "metric", "value"])
     }
     rows = []
     unmatched: dict[str, set] = {}
-    for rec in data[data["run"] != baseline].to_dict("records"):
+    for rec in data.where([r != baseline for r in data["run"]]).records():
         key = (rec["epoch"], rec["layer"], rec["metric"])
         if rec["metric"] not in names:
             continue
@@ -146,4 +139,4 @@ def _deltas(data: pd.DataFrame, baseline: str, names: list[str], notes: list[str
             f"run {run}: no delta where baseline {baseline} has no matching checkpoint/layer "
             f"({'; '.join(shown[:5])}{more})"
         )
-    return pd.DataFrame(rows, columns=data.columns)
+    return Rows.from_records(rows, data.columns, data.kinds)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 
 from nccli.choices import Fit
+from nccli.table import Rows
 
 __all__ = ["FIT_SUFFIXES", "MIN_LAYERS", "Fit", "depth_fits", "fit_log_line"]
 
@@ -55,16 +55,17 @@ def fit_log_line(values: np.ndarray) -> tuple[float, float, int]:
     return slope, r2, n
 
 
-def depth_fits(data: pd.DataFrame, metrics: list[str], notes: list[str]) -> pd.DataFrame:
+def depth_fits(data: Rows, metrics: list[str], notes: list[str]) -> Rows:
     """The fit rows of each checkpoint (rows of ``data`` in depth order per checkpoint):
     columns of ``data`` with ``layer`` empty and metrics ``<m>_depth_slope/_ratio/_r2``."""
-    keys = [c for c in ("run", "source") if c in data.columns]
+    keys = [c for c in ("run", "source") if c in data]
     rows: list[dict] = []
     short: dict[str, list[str]] = {}
-    for _, part in data.groupby(keys, sort=False):
-        first = part.iloc[0]
+    for _, part in data.groupby(keys):
+        first = part.take([0]).records()[0]
+        pairs = list(part.tuples(["metric", "value"]))
         for m in metrics:
-            values = part.loc[part["metric"] == m, "value"].to_numpy(dtype=np.float64)
+            values = np.array([v for name, v in pairs if name == m], dtype=np.float64)
             if values.size == 0:
                 continue
             slope, r2, n = fit_log_line(values)
@@ -83,4 +84,4 @@ def depth_fits(data: pd.DataFrame, metrics: list[str], notes: list[str]) -> pd.D
             f"--fit depth: {m} has fewer than {MIN_LAYERS} layers with a finite positive value "
             f"in {few}; its fit is nan"
         )
-    return pd.DataFrame(rows, columns=list(data.columns))
+    return Rows.from_records(rows, data.columns, data.kinds)

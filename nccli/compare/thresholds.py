@@ -16,10 +16,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pandas as pd
-
 from nccli.errors import UsageError
 from nccli.metrics import METRICS
+from nccli.table import Rows, is_missing
 
 #: prefix of the ``by="run"`` difference rows (``delta_nc1`` = run − baseline)
 DELTA_PREFIX = "delta_"
@@ -108,7 +107,7 @@ class Unchecked:
 
 
 def find_violations(
-    data: pd.DataFrame, thresholds: list[Threshold], last_only: bool, notes: list[str]
+    data: Rows, thresholds: list[Threshold], last_only: bool, notes: list[str]
 ) -> tuple[list[Violation], int, list[Unchecked]]:
     """Rows crossing any threshold (all rows, or each run's last checkpoint), the number of
     finite rows checked, and the thresholds that found no finite value to check."""
@@ -116,16 +115,18 @@ def find_violations(
         return [], 0, []
     rows = data
     if last_only:
-        last = data.groupby("_run")["_ck"].transform("max")
-        rows = data[data["_ck"] == last]
+        last: dict[object, int] = {}
+        for run, ck in data.tuples(["_run", "_ck"]):
+            last[run] = max(last.get(run, ck), ck)
+        rows = data.where([ck == last[run] for run, ck in data.tuples(["_run", "_ck"])])
     out: list[Violation] = []
     unchecked: list[Unchecked] = []
     checked = 0
-    labels = set(data["source"]) if "source" in data.columns else set()
+    labels = set(data["source"]) if "source" in data else set()
     for t in thresholds:
-        sub = rows[rows["metric"] == t.metric]
+        sub = rows.where([m == t.metric for m in rows["metric"]])
         nan = 0
-        for rec in sub.to_dict("records"):
+        for rec in sub.records():
             v = float(rec["value"])
             if math.isnan(v):
                 nan += 1
@@ -137,8 +138,8 @@ def find_violations(
                         t,
                         rec["source"],
                         rec["run"],
-                        None if pd.isna(rec["epoch"]) else int(rec["epoch"]),
-                        None if pd.isna(rec["step"]) else int(rec["step"]),
+                        None if is_missing(rec["epoch"]) else int(rec["epoch"]),
+                        None if is_missing(rec["step"]) else int(rec["step"]),
                         rec["layer"],
                         v,
                     )

@@ -11,13 +11,13 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
 from nccli.compare import DELTA_PREFIX, Across, By, CompareResult
 from nccli.metrics import METRICS
 from nccli.report.data import fmt_value, sparkline
+from nccli.table import Rows, is_missing
 
 _SPARK_MAX = 32
 #: crossings named on stderr before "… and N more rows"
@@ -57,7 +57,7 @@ def _crossed(result: CompareResult) -> set[tuple]:
 
 def render_compare(result: CompareResult, console: Console) -> None:
     """Rich tables for a comparison (trend sparklines and first→last under each metric)."""
-    df = result.data
+    df = result.rows
     if df.empty:
         console.print("[dim]no rows[/dim]")
         return
@@ -65,24 +65,22 @@ def render_compare(result: CompareResult, console: Console) -> None:
     if result.by is By.run:
         _render_by_run(result, console, crossed)
         return
-    runs = df["run"] if "run" in df.columns else pd.Series([""] * len(df), index=df.index)
-    df = df.assign(_run=runs)
-    fits = df[df["layer"] == ""]  # --fit depth rows: drawn under each checkpoint's layers
-    df = df[df["layer"] != ""]
+    df = df.with_column("_run", df["run"] if "run" in df else [""] * len(df))
+    fits = df.where([lay == "" for lay in df["layer"]])  # --fit depth rows: drawn under
+    df = df.where([lay != "" for lay in df["layer"]])  # each checkpoint's layers
     metrics = list(dict.fromkeys(df["metric"]))
     if result.across is Across.layers:
-        groups = df.groupby(["_run", "source"], sort=False)
+        groups = df.groupby(["_run", "source"])
         row_key, first_cols = ["layer"], ["layer"]
     elif result.across is Across.runs:
-        groups = df.groupby(["layer"], sort=False)
+        groups = df.groupby(["layer"])
         row_key, first_cols = ["_run", "source"], ["run", "source", "epoch"]
     else:
-        groups = df.groupby(["_run", "layer"], sort=False)
+        groups = df.groupby(["_run", "layer"])
         row_key, first_cols = ["source"], ["source", "epoch"]
-    if "step" in df.columns and result.across is not Across.layers:
+    if "step" in df and result.across is not Across.layers:
         first_cols.append("step")
     for key, part in groups:
-        key = key if isinstance(key, tuple) else (key,)
         table = Table(title=_title(result, key, part), title_justify="left", header_style="bold")
         for c in first_cols:
             table.add_column(
@@ -101,13 +99,12 @@ def render_compare(result: CompareResult, console: Console) -> None:
                 "depth" if result.across is Across.layers else "trend",
             )
         if not fits.empty:
-            _fit_rows(
-                table, len(first_cols), fits[fits["source"] == part["source"].iloc[0]], metrics
-            )
+            mine = fits.where([s == part["source"][0] for s in fits["source"]])
+            _fit_rows(table, len(first_cols), mine, metrics)
         console.print(table)
 
 
-def _fit_rows(table: Table, lead: int, fits: pd.DataFrame, metrics: list[str]) -> None:
+def _fit_rows(table: Table, lead: int, fits: Rows, metrics: list[str]) -> None:
     """``--fit depth``: the factor per layer (e^slope) and R² of each metric's fit."""
     got = dict(zip(fits["metric"], fits["value"], strict=True))
     pad = [""] * (lead - 1)
@@ -118,13 +115,13 @@ def _fit_rows(table: Table, lead: int, fits: pd.DataFrame, metrics: list[str]) -
     table.add_row("[dim]fit[/dim]", *pad, *cells)
 
 
-def _title(result: CompareResult, key: tuple, part: pd.DataFrame) -> str:
+def _title(result: CompareResult, key: tuple, part: Rows) -> str:
     """Title of one table: the checkpoint (across layers), the layer (across runs), or the
     layer and run (across epochs)."""
     if result.across is Across.layers:
         run, source = key
-        epoch = part["epoch"].iloc[0]
-        title = f"{source}" + ("" if pd.isna(epoch) else f"  (epoch {epoch})")
+        epoch = part["epoch"][0]
+        title = f"{source}" + ("" if is_missing(epoch) else f"  (epoch {epoch})")
         return title + (f"  · run {run}" if result.has_runs else "")
     if result.across is Across.runs:
         return f"layer {key[0]}  · last checkpoint of each run"
@@ -134,7 +131,7 @@ def _title(result: CompareResult, key: tuple, part: pd.DataFrame) -> str:
 
 def _add_rows(
     table: Table,
-    part: pd.DataFrame,
+    part: Rows,
     row_key: list[str],
     first_cols: list[str],
     metrics: list[str],
@@ -143,38 +140,37 @@ def _add_rows(
     """A row per ``row_key`` group of ``part``; returns each metric's column of values."""
     columns: dict[str, list[float]] = {m: [] for m in metrics}
     for rows in _row_groups(part, row_key):
-        first = rows.iloc[0]
+        first = rows.take([0]).records()[0]
         by_metric = dict(zip(rows["metric"], rows["value"], strict=True))
         cells = []
         for m in metrics:
             v = float(by_metric.get(m, float("nan")))
             columns[m].append(v)
-            ep = None if pd.isna(first["epoch"]) else int(first["epoch"])
+            ep = None if is_missing(first["epoch"]) else int(first["epoch"])
             hot = (first["source"], first["_run"], ep, first["layer"], m)
             txt = fmt_value(v)
             cells.append(f"[bold red]{txt}[/bold red]" if hot in crossed else txt)
-        lead = ["" if pd.isna(first[c]) else str(first[c]) for c in first_cols]
+        lead = ["" if is_missing(first[c]) else str(first[c]) for c in first_cols]
         table.add_row(*lead, *cells)
     return columns
 
 
-def _row_groups(part: pd.DataFrame, row_key: list[str]) -> list[pd.DataFrame]:
+def _row_groups(part: Rows, row_key: list[str]) -> list[Rows]:
     """The rows of each table row, in order: a run of consecutive rows with the same
     ``row_key`` (and epoch, step) and no metric twice.  Grouping on the key alone would merge
     checkpoints that share a label (``ep0/ckpt.h5``, ``ep1/ckpt.h5`` are both ``ckpt.h5``)
     into one row showing the last one's values."""
-    keys = [c for c in dict.fromkeys([*row_key, "epoch", "step"]) if c in part.columns]
-    block = []
-    n, last, seen = -1, None, set()
-    for key, metric in zip(
-        part[keys].itertuples(index=False, name=None), part["metric"], strict=True
-    ):
-        key = tuple(None if pd.isna(v) else v for v in key)
-        if key != last or metric in seen:
-            n, last, seen = n + 1, key, set()
+    keys = [c for c in dict.fromkeys([*row_key, "epoch", "step"]) if c in part]
+    blocks: list[list[int]] = []
+    last, seen = None, set()
+    for i, (key, metric) in enumerate(zip(part.tuples(keys), part["metric"], strict=True)):
+        key = tuple(None if is_missing(v) else v for v in key)
+        if key != last or metric in seen or not blocks:
+            blocks.append([])
+            last, seen = key, set()
         seen.add(metric)
-        block.append(n)
-    return [rows for _, rows in part.groupby(block, sort=True)]
+        blocks[-1].append(i)
+    return [part.take(block) for block in blocks]
 
 
 def _trend_rows(table: Table, lead: int, columns: list[list[float]], label: str) -> None:
@@ -187,15 +183,15 @@ def _trend_rows(table: Table, lead: int, columns: list[list[float]], label: str)
 
 def _render_by_run(result: CompareResult, console: Console, crossed: set) -> None:
     """One table per metric: a row per (layer, epoch), a column per run, then the deltas."""
-    df = result.data
+    df = result.rows
     base_metrics = [m for m in dict.fromkeys(df["metric"]) if not m.startswith(DELTA_PREFIX)]
     runs = result.runs
     others = [r for r in runs if r != result.baseline]
     lookup = {
         (layer, e, r, m): (v, src)
-        for src, r, e, layer, m, v in df[
+        for src, r, e, layer, m, v in df.tuples(
             ["source", "run", "epoch", "layer", "metric", "value"]
-        ].itertuples(index=False, name=None)
+        )
     }
     layers = list(dict.fromkeys(df["layer"]))
     for m in base_metrics:
@@ -213,7 +209,7 @@ def _render_by_run(result: CompareResult, console: Console, crossed: set) -> Non
         for r in others:
             table.add_column(f"Δ {r}−{result.baseline}", justify="right", style="yellow")
         for li, layer in enumerate(layers):
-            part = df[(df["layer"] == layer) & (df["metric"] == m)]
+            part = df.where([(la, me) == (layer, m) for la, me in df.tuples(["layer", "metric"])])
             epochs = list(dict.fromkeys(part["epoch"]))
             if li:
                 table.add_section()
@@ -224,9 +220,9 @@ def _render_by_run(result: CompareResult, console: Console, crossed: set) -> Non
                     v, src = lookup.get((layer, e, r, metric), (float("nan"), None))
                     columns[j].append(float(v))
                     txt = fmt_value(float(v))
-                    hot = (src, r, None if pd.isna(e) else int(e), layer, metric) in crossed
+                    hot = (src, r, None if is_missing(e) else int(e), layer, metric) in crossed
                     cells.append(f"[bold red]{txt}[/bold red]" if hot else txt)
-                table.add_row(layer if k == 0 else "", "" if pd.isna(e) else str(e), *cells)
+                table.add_row(layer if k == 0 else "", "" if is_missing(e) else str(e), *cells)
             if len(epochs) > 1:
                 _trend_rows(table, 2, columns, "trend")
         console.print(table)
