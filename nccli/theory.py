@@ -33,9 +33,9 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from nccli import analyses
 from nccli.io.sources import Source
@@ -49,8 +49,12 @@ from nccli.measure import (
 from nccli.metrics import METRICS, MetricSet
 from nccli.metrics import deep_linear as deep
 from nccli.metrics.nc import Undefined
+from nccli.table import Rows
 
-__all__ = ["COLUMNS", "PAPERS", "THRESHOLDS", "theory_report", "theory_rows"]
+if TYPE_CHECKING:  # pragma: no cover - the DataFrame is built only for Python callers
+    import pandas as pd
+
+__all__ = ["COLUMNS", "PAPERS", "THRESHOLDS", "theory_report", "theory_rows", "theory_table"]
 
 COLUMNS = ["source", "paper", "claim", "measured", "expected", "verdict"]
 
@@ -507,21 +511,30 @@ def theory_report(
     min_class_count: int = 1,
 ) -> pd.DataFrame:
     """The theory report of each input as a frame with :data:`COLUMNS` (all strings)."""
-    opts = MeasureOptions(
-        center=center,
-        recompute=recompute,
-        chunk_rows=chunk_rows,
-        num_classes=num_classes,
-        min_class_count=min_class_count,
+    return theory_table(
+        paths,
         loss=loss,
         wd_features=wd_features,
         wd_classifier=wd_classifier,
         head_depth=head_depth,
-    )
+        center=center,
+        recompute=recompute,
+        num_classes=num_classes,
+        chunk_rows=chunk_rows,
+        min_class_count=min_class_count,
+    ).to_frame()
+
+
+def theory_table(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], **options: Any
+) -> Rows:
+    """:func:`theory_report` without pandas (what ``measure --report theory`` writes): the
+    same keywords, a :class:`~nccli.table.Rows` back (``attrs["notes"]``: the notes)."""
+    opts = MeasureOptions(**options)
     rows: list[dict[str, str]] = []
     with opened_sources(paths, opts) as sources:
         for src in sources:
             rows.extend(theory_rows(src, opts))
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df.attrs["notes"] = list(opts.notes)  # the classes left out (nccli.classes)
-    return df
+    out = Rows.from_records(rows, COLUMNS)
+    out.attrs["notes"] = list(opts.notes)  # the classes left out (nccli.classes)
+    return out

@@ -79,6 +79,7 @@ def test_info_on_a_cache_imports_neither_torch_nor_pandas(inputs):
         ("measure", "feats.npz"),
         ("measure", "feats.npz", "--per-class", "--geometry", "-f", "table"),
         ("measure", "ep0001.h5", "--per-class", "--wide", "-f", "json"),
+        ("measure", "ep0001.h5", "--report", "theory", "-f", "table"),
         ("compare", "ep0001.h5", "ep0002.h5"),
         ("compare", "ep0001.h5", "ep0002.h5", "-f", "table", "--fail-if", "nc1>1e9"),
         ("compare", "ep0001.h5", "ep0002.h5", "--wide", "-f", "tsv"),

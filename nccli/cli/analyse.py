@@ -120,9 +120,9 @@ def measure(
         }
         if report is ReportKind.theory:
             from nccli.report.theory_table import render_theory
-            from nccli.theory import theory_report
+            from nccli.theory import theory_table
 
-            df = theory_report(inputs, **common)
+            df = theory_table(inputs, **common)
             emit(df, fmt, as_wide=False, output=output, render_table=render_theory)
             print_notes(df.attrs.get("notes", []), STATE.quiet)
             return

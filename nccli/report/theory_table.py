@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import Any
+
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+
+from nccli.table import Rows
 
 _STYLE = {
     "holds": "green",
@@ -22,19 +25,21 @@ _STYLE = {
 }
 
 
-def render_theory(df: pd.DataFrame, console: Console) -> None:
-    """One panel per source, a section per paper: claim, measured, expected, verdict."""
+def render_theory(df: Any, console: Console) -> None:
+    """One panel per source, a section per paper: claim, measured, expected, verdict
+    (``df``: the :class:`~nccli.table.Rows` of the report, or its DataFrame)."""
+    df = df if isinstance(df, Rows) else Rows.from_frame(df)
     if df.empty:
         console.print("[dim]no rows[/dim]")
         return
-    for source, part in df.groupby("source", sort=False):
+    for (source,), part in df.groupby(["source"]):
         table = Table(header_style="bold", show_lines=False, expand=False)
         for col in ("claim", "measured", "expected", "verdict"):
             table.add_column(col, overflow="fold")
-        for paper, rows in part.groupby("paper", sort=False):
+        for (paper,), rows in part.groupby(["paper"]):
             table.add_section()
             table.add_row(f"[bold cyan]{paper}[/bold cyan]", "", "", "")
-            for _, r in rows.iterrows():
+            for r in rows.records():
                 style = _STYLE.get(r["verdict"], "dim" if "not predicted" in r["verdict"] else "")
                 verdict = f"[{style}]{r['verdict']}[/]" if style else r["verdict"]
                 table.add_row("  " + r["claim"], r["measured"], r["expected"], verdict)
