@@ -107,6 +107,9 @@ class Rows:
         if len(n) > 1:
             raise ValueError(f"columns of different lengths: {sorted(n)}")
         self.kinds = {c: (kinds or {}).get(c, "auto") for c in self.columns}
+        unknown = set(self.kinds.values()) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown column kinds {sorted(unknown)}; kinds are {KINDS}")
         self.attrs: dict[str, Any] = dict(attrs or {})
 
     @classmethod
@@ -131,10 +134,12 @@ class Rows:
             name = str(col.dtype)
             kinds[c] = "int" if name == "Int64" else "float" if col.dtype.kind == "f" else "auto"
             data[c] = [None if is_missing(v) and kinds[c] != "float" else v for v in col.tolist()]
-        out = cls(list(df.columns), data, kinds, dict(df.attrs))
-        return out
+        return cls(list(df.columns), data, kinds, dict(df.attrs))
 
     # ---------------------------------------------------------------- reading
+    def __repr__(self) -> str:
+        return f"Rows({len(self)} rows; columns {', '.join(self.columns)})"
+
     def __len__(self) -> int:
         return len(self.data[self.columns[0]]) if self.columns else 0
 
@@ -177,7 +182,9 @@ class Rows:
         """These columns, in this order."""
         return Rows(columns, self.data, self.kinds, self.attrs)
 
-    def with_column(self, name: str, values: Sequence[Any], at: int | None = None, kind="auto"):
+    def with_column(
+        self, name: str, values: Sequence[Any], at: int | None = None, kind: str = "auto"
+    ) -> Rows:
         """A copy with column ``name`` set to ``values`` (inserted at ``at`` when new)."""
         cols = list(self.columns)
         if name not in cols:
