@@ -91,9 +91,26 @@ def _smaller(batch_size: int, num_workers: int) -> str:
     return hint
 
 
-def _lm_options(store_features: bool, max_tokens: int | None, seq_len: int | None) -> dict:
-    """The language-model options given (``--model hf``; refused for other models)."""
-    return {"store_features": store_features, "max_tokens": max_tokens, "seq_len": seq_len}
+def _lm_args(
+    model: str | None,
+    checkpoints: list[Any],
+    state_key: str | None,
+    store_features: bool,
+    max_tokens: int | None,
+    seq_len: int | None,
+) -> dict[str, Any]:
+    """``model``, ``state_key`` and ``lm`` for the library: the language-model options
+    given (``--model hf``; refused for other models).  ``--model hf:CONFIG_DIR FILE...``:
+    the files are weight files of the config in that folder (``lm['config']``); a
+    language model's ``--state-key`` travels with its options."""
+    lm = {"store_features": store_features, "max_tokens": max_tokens, "seq_len": seq_len}
+    spec = (model or "").strip()
+    if spec != "hf" and not spec.startswith("hf:"):
+        return {"model": model, "state_key": state_key, "lm": lm}
+    inline = spec[3:].strip()
+    if inline and checkpoints:
+        model, lm = "hf", {**lm, "config": inline}
+    return {"model": model, "state_key": None, "lm": {**lm, "state_key": state_key}}
 
 
 @app.command(cls=Command, rich_help_panel="Extract")
@@ -141,6 +158,7 @@ def extract(
     mypkg.nets:build -o cache --limit 5000[/b] and [b]nccli extract checkpoint/ckpt.pth -d
     cifar10/ --normalize cifar10 --model models/resnet.py:ResNet18:num_classes=10
     --state-key net -o cache[/b]; language models: [b]--model hf runs/checkpoint-* -d tokens.npy[/b]
+    or [b]--model hf:run/config ckpt_*.pt[/b]
     """
     with user_errors("extract", [*checkpoints, data], reduce=_smaller(batch_size, num_workers)):
         refuse_flag_values(checkpoints)
@@ -149,7 +167,6 @@ def extract(
                 [str(p) for p in checkpoints],
                 data,
                 arch=arch,
-                model=model,
                 out_dir=out_dir,
                 layers=layers,
                 device=device.value,
@@ -169,11 +186,10 @@ def extract(
                 dist_backend=dist_backend.value,
                 dist_timeout=dist_timeout,
                 skip_nonfinite=skip_nonfinite,
-                state_key=state_key,
                 pool=None if pool is None else pool.value,
                 max_memory=max_memory,
                 precision=precision.value,
-                lm=_lm_options(store_features, max_tokens, seq_len),
+                **_lm_args(model, checkpoints, state_key, store_features, max_tokens, seq_len),
             )
         for p in paths:
             typer.echo(str(p))

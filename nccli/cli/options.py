@@ -339,7 +339,9 @@ ModelOpt = Annotated[
         "'path/to/file.py:Class', optionally with arguments as for --arch, e.g. "
         "'models/resnet.py:ResNet18:num_classes=10'; a required num_classes or input size "
         "left out is read from the checkpoint. 'hf': the checkpoints are Hugging Face "
-        "causal-LM folders (next-token NC over the vocabulary; needs nccli[transformers]).",
+        "causal-LM folders (next-token NC over the vocabulary; needs nccli[transformers]); "
+        "'hf:CONFIG_DIR': they are weight files (state dicts, safetensors) of the causal LM "
+        "whose config.json is in CONFIG_DIR.",
     ),
 ]
 StateKeyOpt = Annotated[

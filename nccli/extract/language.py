@@ -24,6 +24,13 @@ the first N samples in sequence order.  Statistics stream (float64
 written only with ``--store-features``.  Caches are written like every cache
 (``.partial``, lock, rename); ``--resume`` does not apply (an interrupted run starts
 over), a finished cache of the same folder and tokens is skipped.
+
+``--model hf:CONFIG_DIR FILE...`` (``LMOptions.config``): the positionals are weight files
+of the run whose ``config.json`` is in ``CONFIG_DIR`` — state dicts, checkpoint dicts
+(``--state-key``), safetensors, or (``--trust-checkpoint``) TorchScript/export programs
+used for their weights — loaded strictly into the architecture built once from the
+configuration (:mod:`nccli.io.checkpoints.hf_weights`); the tokenizer is ``CONFIG_DIR``'s
+and each file's cache is named as a vision checkpoint's (``<stem>.h5``).
 """
 
 from __future__ import annotations
@@ -41,17 +48,21 @@ from rich.markup import escape
 from torch import nn
 
 from nccli.errors import DataError, UsageError
+from nccli.extract.batching import MAX_UPDATE_ROWS, Batched, update_rows
 from nccli.extract.devices import AMP_DTYPES, FEATURE_DTYPES, device_label, stats_device
+from nccli.extract.naming import cache_path
 from nccli.extract.pipeline import BackgroundWriter, Rows, to_host
 from nccli.extract.plan import check_plan, make_plan, memory_limit
 from nccli.io.cache import Cache, CacheWriter, existing_matches
 from nccli.io.cache.writer import claim_output
 from nccli.io.checkpoints.hf import LoadedLM, is_hf_spec, load_causal_lm, load_tokenizer
+from nccli.io.checkpoints.hf_weights import LMArchitecture, build_causal_lm, load_lm_weights
 from nccli.io.datasets.tokens import Tokens, TokenScan, open_tokens, scan
 from nccli.layers import Layer
 from nccli.stats import ClassStats
 
 __all__ = [
+    "MAX_UPDATE_ROWS",
     "LMOptions",
     "describe_lm",
     "extract_lm",
@@ -59,12 +70,11 @@ __all__ = [
     "lm_cache_path",
     "lm_folders",
     "lm_layers",
+    "update_rows",
 ]
 
 #: tokens of the probe that checks what the LM head reads
 _PROBE_TOKENS = 16
-#: the most rows pooled into one statistics update (:func:`update_rows`)
-MAX_UPDATE_ROWS = 16384
 
 
 @dataclass
@@ -74,6 +84,10 @@ class LMOptions:
     store_features: bool = False
     max_tokens: int | None = None
     seq_len: int | None = None
+    #: the folder of ``config.json`` when the checkpoints are weight files
+    config: str | None = None
+    #: the dotted entry of a checkpoint dict holding the weights (weight files only)
+    state_key: str | None = None
 
 
 def lm_folders(checkpoints: list[Path], model: str) -> list[Path]:
@@ -82,7 +96,9 @@ def lm_folders(checkpoints: list[Path], model: str) -> list[Path]:
     if inline and checkpoints:
         raise UsageError(
             f"--model {model}: names a model folder and {len(checkpoints)} more are given; "
-            "pass --model hf and the folders as arguments (one trajectory), or one of them"
+            "pass model='hf' and the folders (one trajectory), or for weight files of the "
+            "config in that folder model='hf', lm={'config': FOLDER} (what the CLI's "
+            "--model hf:CONFIG_DIR FILE... does)"
         )
     paths = [Path(inline)] if inline else list(checkpoints)
     if not paths:
@@ -191,9 +207,7 @@ class _LM:
     max_positions: int | None
 
 
-def _open_model(folder: Path, layers: Any, trust: bool, dev: torch.device) -> _LM:
-    src = str(folder)
-    loaded = load_causal_lm(folder, trust_checkpoint=trust)
+def _open_model(loaded: LoadedLM, src: str, layers: Any, dev: torch.device) -> _LM:
     module = loaded.module.to(dev)
     base = getattr(module, "base_model", None)
     if base is None or base is module:
@@ -215,7 +229,7 @@ def _open_model(folder: Path, layers: Any, trust: bool, dev: torch.device) -> _L
 
 def _check_head_input(m: _LM, ids: np.ndarray, dev: torch.device, src: str) -> None:
     """The LM head must read the base model's ``last_hidden_state`` (probe forward)."""
-    x = torch.as_tensor(np.asarray(ids[:1, :_PROBE_TOKENS], dtype=np.int64), device=dev)
+    x = torch.as_tensor(np.array(ids[:1, :_PROBE_TOKENS], dtype=np.int64), device=dev)
     seen: dict[str, torch.Tensor] = {}
     hook = m.head.register_forward_pre_hook(lambda _m, a: seen.__setitem__("x", a[0]))
     try:
@@ -236,7 +250,13 @@ def _check_head_input(m: _LM, ids: np.ndarray, dev: torch.device, src: str) -> N
 def describe_lm(folder: Path, layers: Any, trust: bool) -> tuple[dict[str, Any], list[Layer]]:
     """``nccli info FOLDER --model hf``: what the folder is and the layers ``extract``
     would cache (loaded on the CPU; nothing is run)."""
-    m = _open_model(Path(folder), layers, trust, torch.device("cpu"))
+    if Path(folder).is_file():
+        raise UsageError(
+            f"{folder}: info --model hf describes a model folder; for a weight file run "
+            "extract --model hf:CONFIG_DIR on it"
+        )
+    loaded = load_causal_lm(folder, trust_checkpoint=trust)
+    m = _open_model(loaded, str(folder), layers, torch.device("cpu"))
     lo = m.loaded
     head = {
         "path": str(folder),
@@ -299,7 +319,32 @@ class _Job:
     used: tuple[int, int, int]
     digest: str
     src: str
+    tokenizer: Path
     progress: Any = None
+
+
+def _architecture(opts: LMOptions, trust: bool) -> LMArchitecture | None:
+    """The model built from ``--model hf:CONFIG_DIR`` (weight files), None for folders."""
+    if opts.config is None:
+        if opts.state_key is not None:
+            raise UsageError(
+                f"--state-key {opts.state_key}: picks the weights in a checkpoint dict; a "
+                "model folder has none (for weight files pass --model hf:CONFIG_DIR FILE...)"
+            )
+        return None
+    return build_causal_lm(opts.config, trust_checkpoint=trust)
+
+
+def _load(p: Path, arch: LMArchitecture | None, cfg: Any, opts: LMOptions, note: Any) -> LoadedLM:
+    """Model folder ``p``, or weight file ``p`` loaded into ``arch`` (its notes printed)."""
+    if arch is None:
+        return load_causal_lm(p, trust_checkpoint=cfg.trust_checkpoint)
+    loaded, notes = load_lm_weights(
+        arch, p, trust_checkpoint=cfg.trust_checkpoint, state_key=opts.state_key
+    )
+    for line in notes:
+        note(line)
+    return loaded
 
 
 def extract_lm(
@@ -320,11 +365,13 @@ def extract_lm(
     written: list[Path] = []
     toks: Tokens | None = None
     scans: dict[tuple[int, int | None], TokenScan] = {}
+    arch = _architecture(opts, cfg.trust_checkpoint)
     for folder in paths:
         src = str(folder)
-        m = _open_model(folder, cfg.layers, cfg.trust_checkpoint, cfg.device)
+        m = _open_model(_load(folder, arch, cfg, opts, note), src, cfg.layers, cfg.device)
+        tok_dir = folder if arch is None else arch.config_dir
         if toks is None:
-            toks = _tokens(data, opts, folder, cfg.trust_checkpoint, m.max_positions)
+            toks = _tokens(data, opts, tok_dir, cfg.trust_checkpoint, m.max_positions)
             if toks.cut_tokens:
                 note(f"{data}: the last {toks.cut_tokens} tokens make no whole sequence of "
                      f"--seq-len {toks.seq_len}; left out")  # fmt: skip
@@ -338,8 +385,10 @@ def extract_lm(
         if m.pad_id is not None and sc.pad_left_out:
             note(f"{src}: left out {sc.pad_left_out} positions whose token or next token is "
                  f"the pad id {m.pad_id} (pad_token_id in config.json)")  # fmt: skip
-        job = _Job(m, toks, sc, used, _digest(sc, toks, used, m.pad_id), src, progress)
-        out_path = lm_cache_path(out, folder, paths)
+        job = _Job(m, toks, sc, used, _digest(sc, toks, used, m.pad_id), src, tok_dir, progress)
+        out_path = (
+            lm_cache_path(out, folder, paths) if arch is None else cache_path(out, folder, paths)
+        )
         written.append(_one(job, cfg, opts, out_path, data, split, note))
     return written
 
@@ -352,7 +401,9 @@ def _attrs(
     return {
         "checkpoint": str(folder.resolve()),
         "checkpoint_sha256": lo.sha256,
-        "checkpoint_format": "huggingface",
+        "checkpoint_format": lo.format,
+        "config": None if lo.format == "huggingface" else str(job.tokenizer.resolve()),
+        "state_key": lo.state_key,
         "dataset": data,
         "dataset_digest": job.digest,
         "dataset_description": job.toks.describe(),
@@ -376,7 +427,7 @@ def _attrs(
         "sequence_length": T,
         "token_sha256": job.sc.sha256,
         "seq_len": job.toks.seq_len,
-        "tokenizer": str(folder.resolve()) if job.toks.kind == "text" else None,
+        "tokenizer": str(job.tokenizer.resolve()) if job.toks.kind == "text" else None,
         "pad_token_id": m.pad_id,
         "pad_left_out": job.sc.pad_left_out if m.pad_id is not None else None,
         "max_tokens": opts.max_tokens,
@@ -435,7 +486,7 @@ def _batches(job: _Job, seqs: int) -> Any:
     S, n_last = job.used[0], job.used[2]
     ids, pad = job.toks.ids, job.m.pad_id
     for s0 in range(0, S, seqs):
-        a = np.asarray(ids[s0 : min(S, s0 + seqs)], dtype=np.int64)
+        a = np.array(ids[s0 : min(S, s0 + seqs)], dtype=np.int64)
         keep = np.ones((a.shape[0], a.shape[1] - 1), dtype=bool)
         if pad is not None:
             keep = (a[:, :-1] != pad) & (a[:, 1:] != pad)
@@ -453,9 +504,9 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
     store = FEATURE_DTYPES[cfg.feature_dtype]
     amp = AMP_DTYPES[cfg.amp]
     prec = getattr(cfg, "precision", "exact")  # --precision: the scatter's product
-    stats = _Batched({c.name: ClassStats(m.vocab, c.dim, device=sdev, precision=prec,
-                                         source=f"{job.src}:{c.name}") for c in layers},
-                     update_rows(m.vocab, cfg.batch_size, job.toks.shape[1]))  # fmt: skip
+    stats = Batched({c.name: ClassStats(m.vocab, c.dim, device=sdev, precision=prec,
+                                        source=f"{job.src}:{c.name}") for c in layers},
+                    update_rows(m.vocab, cfg.batch_size, job.toks.shape[1]))  # fmt: skip
     seen: dict[int, torch.Tensor] = {}
 
     def grab(i: int) -> Any:
@@ -501,43 +552,3 @@ def _stream(job: _Job, cfg: Any, layers: list[Layer], writer: CacheWriter) -> di
         if task is not None:
             bar.update(task, visible=False)
     return stats.finish()
-
-
-def update_rows(vocab: int, batch_size: int, T: int) -> int:
-    """Rows per statistics update: every update merges all K class means (O(K·d) whatever
-    the rows), so with a vocabulary the rows of several forwards are pooled first — up
-    to K/2, at most :data:`MAX_UPDATE_ROWS`, at least one forward's."""
-    forward = max(1, batch_size // (T - 1)) * (T - 1)
-    return max(forward, min(vocab // 2, MAX_UPDATE_ROWS))
-
-
-class _Batched:
-    """Per-layer statistics updated once per :func:`update_rows` rows (the same float64
-    statistics as one update per forward, up to rounding: both are exact merges)."""
-
-    def __init__(self, stats: dict[str, ClassStats], rows: int) -> None:
-        self.stats, self.rows = stats, rows
-        self._h: dict[str, list[torch.Tensor]] = {k: [] for k in stats}
-        self._y: list[torch.Tensor] = []
-        self._n = 0
-
-    def add(self, feats: dict[str, torch.Tensor], y: torch.Tensor) -> None:
-        for k, v in feats.items():
-            self._h[k].append(v)
-        self._y.append(y)
-        self._n += int(y.shape[0])
-        if self._n >= self.rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._n:
-            y = torch.cat(self._y)
-            for k, parts in self._h.items():
-                self.stats[k].update(torch.cat(parts), y)
-                parts.clear()
-        self._y.clear()
-        self._n = 0
-
-    def finish(self) -> dict[str, ClassStats]:
-        self._flush()
-        return self.stats

@@ -109,7 +109,9 @@ def check_folder(path: Path, trust: bool, *, tokenizer: bool = False) -> dict[st
     if not path.is_dir():
         raise DataError(
             f"{path}: --model hf takes a model folder (config.json and the weights, as "
-            "save_pretrained writes them); this is not a directory"
+            "save_pretrained writes them); this is not a directory. For weight files (a "
+            "state dict, safetensors, or a TorchScript program with --trust-checkpoint) pass "
+            "--model hf:CONFIG_DIR, the folder of the run's config.json"
         )
     if not (path / "config.json").exists():
         raise DataError(f"{path}: no config.json; is this a Hugging Face model folder?")
@@ -197,6 +199,11 @@ class LoadedLM:
     step: int | None
     epoch_from: str | None
     step_from: str | None
+    #: ``huggingface`` (a folder), else the weight file's format (``state_dict``,
+    #: ``safetensors``, ...: :mod:`nccli.io.checkpoints.hf_weights`)
+    format: str = "huggingface"
+    #: the dotted key of a checkpoint dict the weights came from (``--state-key``)
+    state_key: str | None = None
 
 
 def load_causal_lm(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> LoadedLM:
