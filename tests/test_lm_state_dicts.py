@@ -222,3 +222,17 @@ def test_weight_file_caches_are_named_as_checkpoint_caches(tmp_path):
              tmp_path / "model.safetensors", tmp_path / "step_0500.pt"]  # fmt: skip
     for p in paths:
         assert naming.cache_path(tmp_path, p, paths) == api.cache_path(tmp_path, p, paths)
+
+
+def test_bfloat16_weights_are_widened_exactly(run, tmp_path):
+    half = {k: v.to(torch.bfloat16) for k, v in run["sd"].items()}
+    torch.save(half, tmp_path / "bf16.pt")
+    res = _extract(run, [tmp_path / "bf16.pt"], tmp_path / "c")
+    assert res.exit_code == 0, res.output
+    m = _gpt2()
+    m.load_state_dict({k: v.float() for k, v in half.items()})
+    with torch.no_grad():
+        hs = m(torch.as_tensor(run["ids"]), output_hidden_states=True).hidden_states[-1]
+    H, _, W, _ = _cached(tmp_path / "c" / "bf16.h5")
+    np.testing.assert_allclose(H, hs[:, :-1].reshape(-1, 32).numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(W, half["lm_head.weight"].float().numpy())
