@@ -19,6 +19,12 @@ scatter with one GEMM), and folded into the running state with the pairwise upda
     S_W = S_W^A + S_W^B + Σ_k (n_k^A n_k^B / n_k) δ_k δ_kᵀ,
     SS_k = SS_k^A + SS_k^B + (n_k^A n_k^B / n_k) ||δ_k||².
 
+The batch is reduced over the classes it holds only (its labels renumbered ``0..K_b-1``)
+and only those ``K_b`` rows of ``counts``, ``means`` and ``class_ss`` are merged (``δ_k``
+and the weight are 0 for the others), so an update costs ``O(B·d + K_b·d + d²)`` however
+large ``K`` is: a language model's vocabulary of 50,000 classes costs a 512-row batch
+what its few hundred present classes cost.
+
 Raw moments (``Σ hhᵀ - N μμᵀ``) are never formed: near collapse the spread is tiny beside
 the mean and the subtraction would cancel catastrophically.
 
@@ -140,6 +146,33 @@ def _reduce_batch_numpy(
         centred = h - bmeans[y]
     bss = np.bincount(y, weights=np.einsum("ij,ij->i", centred, centred), minlength=K)
     return cnt.astype(np.int64), bmeans, centred, bss.astype(np.float64)
+
+
+#: compact labels by counting (``O(B + K)``) rather than sorting when ``K`` is at most this
+#: many times the batch's length: ``O(B)`` either way, without a sort for a few classes
+DENSE_LABELS_RATIO = 4
+
+
+def _compact_labels(y: Any, K: int) -> tuple[Any, Any]:
+    """The classes present in the labels ``y`` (ascending) and ``y`` renumbered into them,
+    ``(present, inv)`` with ``y == present[inv]`` (numpy or torch, as ``y``).  Never an
+    array of length ``K`` unless ``K ≤ DENSE_LABELS_RATIO · B``."""
+    tensor = is_tensor(y)
+    if K > DENSE_LABELS_RATIO * y.shape[0]:
+        if tensor:
+            return import_torch().unique(y, sorted=True, return_inverse=True)
+        present, inv = np.unique(y, return_inverse=True)
+        return present, inv.reshape(-1).astype(np.int64, copy=False)
+    if tensor:
+        torch = import_torch()
+        present = torch.bincount(y, minlength=K).nonzero().reshape(-1)
+        lut = torch.zeros(K, dtype=torch.int64, device=y.device)
+        lut[present] = torch.arange(present.shape[0], device=y.device)
+    else:
+        present = np.flatnonzero(np.bincount(y, minlength=K))
+        lut = np.zeros(K, dtype=np.int64)
+        lut[present] = np.arange(present.size)
+    return present, lut[y]
 
 
 def _gram(X: Any, precision: str = "exact") -> Any:
@@ -331,29 +364,36 @@ class ClassStats:
     def update(self, features: ArrayLike, labels: ArrayLike) -> ClassStats:
         """Fold a batch ``(features (B, d), labels (B,))`` into the statistics.
 
-        The batch is promoted to float64 where the states live, reduced two-pass (batch
-        class means, then one GEMM for the centred scatter), and merged.
+        The batch is promoted to float64 where the states live, reduced two-pass over the
+        ``K_b`` classes it holds (batch class means, then one GEMM for the centred
+        scatter), and merged into those ``K_b`` rows: ``O(B·d + K_b·d + d²)``, not
+        ``O(K·d)``.
         """
         K = self.num_classes
         if self._device is not None:
             h, y = as_tensor(features, self._device), as_tensor(labels, self._device)
             h, y = check_batch(h, y, K, self.dim, self.source)
             if h.shape[0]:
-                self._merge_parts(*_reduce_batch_torch(h, y, K))
+                present, inv = _compact_labels(y, K)
+                cnt, bmeans, centred, bss = _reduce_batch_torch(h, inv, present.shape[0])
+                self._merge_rows(present, cnt, bmeans, bss, _gram(centred, self.precision))
             return self
         h, y = check_batch(as_array(features), as_array(labels), K, self.dim, self.source)
         if h.shape[0] == 0:
             return self
+        present, inv = _compact_labels(y, K)
         if _FORCE_TORCH_PATH:
             torch = import_torch()
-            parts = _reduce_batch_torch(torch.from_numpy(h), torch.from_numpy(y), K)
-            self._merge_parts(*(p.numpy() for p in parts))
+            parts = _reduce_batch_torch(torch.from_numpy(h), torch.from_numpy(inv), present.size)
+            cnt, bmeans, centred, bss = (p.numpy() for p in parts)
         else:
-            self._merge_parts(*_reduce_batch_numpy(h, y, K))
+            cnt, bmeans, centred, bss = _reduce_batch_numpy(h, inv, present.size)
+        self._merge_rows(present, cnt, bmeans, bss, _gram(centred, self.precision))
         return self
 
     def merge(self, other: ClassStats) -> ClassStats:
-        """Combine ``other`` into ``self`` in place with the pairwise (Chan) update."""
+        """Combine ``other`` into ``self`` in place with the pairwise (Chan) update (the
+        classes ``other`` holds: ``O(K·d)`` at most)."""
         if not isinstance(other, ClassStats):
             raise UsageError(f"cannot merge ClassStats with {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
@@ -361,9 +401,10 @@ class ClassStats:
                 f"cannot merge statistics of shape (K={other.num_classes}, d={other.dim}) "
                 f"into (K={self.num_classes}, d={self.dim}); were they made from the same layer?"
             )
-        parts = [self._like(getattr(other, f"_{st.name}")) for st in STATES]
-        cnt, means, scatter, ss = parts
-        self._merge_parts(cnt, means, None, ss, scatter=scatter)
+        cnt, means, scatter, ss = (self._like(getattr(other, f"_{st.name}")) for st in STATES)
+        present = cnt.nonzero()[0] if self._device is None else cnt.nonzero().reshape(-1)
+        # the rows are copies (fancy indexing): merging an object into itself is safe
+        self._merge_rows(present, cnt[present], means[present], ss[present], scatter)
         return self
 
     def _like(self, v: Any) -> Any:
@@ -372,39 +413,34 @@ class ClassStats:
             return v.cpu().numpy() if is_tensor(v) else v
         return as_tensor(v, self._device)
 
-    def _merge_parts(
-        self,
-        cnt_b: Any,
-        means_b: Any,
-        centred_b: Any | None,
-        ss_b: Any,
-        *,
-        scatter: Any | None = None,
+    def _merge_rows(
+        self, present: Any, cnt_b: Any, means_b: Any, ss_b: Any, scatter_b: Any
     ) -> None:
-        """Pairwise update with partition B given by counts, means, class_ss and either
-        its centred rows (then ``S_W^B`` comes from ONE GEMM) or its scatter matrix.
-        The same arithmetic on numpy arrays and torch tensors."""
-        cnt_a = self._counts
-        n = cnt_a + cnt_b
-        both = (cnt_a > 0) & (cnt_b > 0)
+        """Pairwise update with a partition B that holds the classes ``present``
+        (ascending, distinct): its counts (all > 0), means and class_ss in those rows, and
+        its scatter matrix.  Only those rows of the states are read and written; the other
+        classes have ``n_k^B = 0``, so their ``δ_k`` terms weigh 0.  The same arithmetic on
+        numpy arrays and torch tensors."""
+        cnt_a = self._counts[present]
+        means_a = self._means[present]
+        n = cnt_a + cnt_b  # > 0: every class in B has a sample
         if self._device is None:
             na, nb, nn_ = (c.astype(np.float64) for c in (cnt_a, cnt_b, n))
         else:
             na, nb, nn_ = (c.double() for c in (cnt_a, cnt_b, n))
-        delta = means_b - self._means
-        w = na * nb / (nn_ + (n == 0))  # 0 where a class is in one partition only
-        w = w * both
-        # new means: classes only in B take B's mean exactly, classes in neither stay 0
-        frac = nb / (nn_ + (n == 0))
-        self._means = self._means + delta * frac[:, None]
-        idx = both.nonzero()[0] if self._device is None else both.nonzero().reshape(-1)
-        self._scatter += _gram(centred_b, self.precision) if centred_b is not None else scatter
-        if idx.shape[0]:
-            # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross (K×d: float64 whatever precision)
-            cross = delta[idx] * (w[idx] ** 0.5)[:, None]
+        delta = means_b - means_a
+        w = na * nb / nn_  # 0 where a class is new (in B only)
+        # new means: classes new in B take B's mean exactly (their rows of A are 0)
+        self._means[present] = means_a + delta * (nb / nn_)[:, None]
+        self._scatter += scatter_b
+        both = cnt_a > 0
+        rows = both.nonzero()[0] if self._device is None else both.nonzero().reshape(-1)
+        if rows.shape[0]:
+            # rows sqrt(c_k) δ_k: Σ c_k δδᵀ = crossᵀcross (K_b×d: float64 whatever precision)
+            cross = delta[rows] * (w[rows] ** 0.5)[:, None]
             self._scatter += cross.T @ cross
-        self._class_ss += ss_b + w * (delta * delta).sum(1)
-        self._counts = n
+        self._class_ss[present] += ss_b + w * (delta * delta).sum(1)
+        self._counts[present] = n
         self._memo = {}
 
     # ------------------------------------------------------------- builders
