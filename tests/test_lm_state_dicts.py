@@ -213,15 +213,17 @@ class _TwoInputs(_Program):
 
 
 def test_weight_file_caches_are_named_as_checkpoint_caches(tmp_path):
-    """nccli.extract.naming repeats api.cache_path's rule (language.py cannot import api)."""
-    from nccli.extract import api, naming
+    """Weight files get the names vision checkpoints get (one rule, nccli.extract.naming)."""
+    from nccli.extract import api, language, naming
 
+    assert api.cache_path is naming.cache_path is language.cache_path
     (tmp_path / "ep20").mkdir()
     (tmp_path / "b").mkdir()
     paths = [tmp_path / "ep20" / "ckpt.pt", tmp_path / "a.pt", tmp_path / "b" / "a.pt",
              tmp_path / "model.safetensors", tmp_path / "step_0500.pt"]  # fmt: skip
-    for p in paths:
-        assert naming.cache_path(tmp_path, p, paths) == api.cache_path(tmp_path, p, paths)
+    names = [naming.cache_path(tmp_path, p, paths).name for p in paths]
+    assert names == ["ep20_ckpt.h5", f"{tmp_path.name}_a.h5", "b_a.h5",
+                     f"{tmp_path.name}_model.h5", "step_0500.h5"]  # fmt: skip
 
 
 def test_bfloat16_weights_are_widened_exactly(run, tmp_path):

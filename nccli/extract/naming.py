@@ -1,7 +1,6 @@
-"""Cache names of checkpoint files: ``<-o>/<stem>.h5`` (the rule of
-:func:`nccli.extract.api.cache_path`, here so that :mod:`nccli.extract.language` names a
-language model's weight files the same way without importing :mod:`~nccli.extract.api`,
-which imports it).  Only the file's own name and its folder's name are used.
+"""Cache names of checkpoint files: ``<-o>/<stem>.h5``, one rule for vision checkpoints
+(:mod:`nccli.extract.api`) and language-model weight files (:mod:`nccli.extract.language`).
+Only the file's own name and its folder's name are used.
 """
 
 from __future__ import annotations
