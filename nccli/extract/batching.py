@@ -1,8 +1,9 @@
 """Pooled statistics updates for a language model's pass (:mod:`nccli.extract.language`).
 
-Every :meth:`~nccli.stats.ClassStats.update` merges all K class means (O(K·d) whatever
-the rows), so with a vocabulary as the classes the rows of several forwards are pooled
-into one update.
+An update of :class:`~nccli.stats.ClassStats` costs ``B·d²`` for its rows plus ``K_b·d²``
+for the cross term of the ``K_b`` classes (tokens) it holds.  Tokens repeat across
+forwards (a vocabulary is Zipf-distributed), so pooling the rows of several forwards into
+one update merges each repeated token once instead of once per forward.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ MAX_UPDATE_ROWS = 16384
 
 
 def update_rows(vocab: int, batch_size: int, T: int) -> int:
-    """Rows per statistics update: every update merges all K class means (O(K·d) whatever
-    the rows), so with a vocabulary the rows of several forwards are pooled first — up
-    to K/2, at most :data:`MAX_UPDATE_ROWS`, at least one forward's."""
+    """Rows per statistics update: the rows of several forwards are pooled (module
+    docstring) — up to K/2, at most :data:`MAX_UPDATE_ROWS`, at least one forward's."""
     forward = max(1, batch_size // (T - 1)) * (T - 1)
     return max(forward, min(vocab // 2, MAX_UPDATE_ROWS))
 

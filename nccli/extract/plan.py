@@ -6,16 +6,18 @@ Per layer of ``d`` features (after pooling), ``K`` classes, ``N`` samples, batch
 - features on disk: ``N·d·item`` (item 4 for float32, 2 for float16 storage);
 - statistics, held for the whole pass: ``8·(d² + K·d + 2K)`` (the float64 d×d scatter,
   the class means, counts and sums of squares, :class:`~nccli.stats.ClassStats`);
-- one update's temporaries: ``8·(d² + 4·B·d + 6·K·d)`` (the batch's float64 copy and its
-  centred rows, the d×d Gram matrix of :func:`nccli.stats._gram` before it is added, the
-  class means and their deltas); one layer is updated at a time, and writing the
+- one update's temporaries: ``8·(d² + 4·B·d + 6·K_b·d)`` with ``K_b = min(B, K)`` the
+  classes a batch can hold (the batch's float64 copy and its centred rows, the d×d Gram
+  matrix of :func:`nccli.stats._gram` before it is added, the present classes' means and
+  their deltas), plus ``16·K`` when ``K ≤ 4B`` (the labels are counted, not sorted); one
+  layer is updated at a time, and writing the
   statistics makes one symmetrised d×d copy, which is smaller;
 - rows in flight to the writer thread: ``(WRITE_QUEUE + 2)·B·d·item``.
 
 A language model (:mod:`nccli.extract.language`) is planned the same way with ``K`` the
-vocabulary (50,257 for GPT-2: 0.3 GB of float64 means at d = 768, and ``6·K·d`` of update
-temporaries; nothing is K×K) and ``B`` the rows of one statistics update (the token
-positions of several forwards, pooled: :func:`nccli.extract.language.update_rows`); without
+vocabulary (50,257 for GPT-2: 0.3 GB of float64 means at d = 768; an update touches only
+the tokens it holds; nothing is K×K) and ``B`` the rows of one statistics update (the token
+positions of several forwards, pooled: :func:`nccli.extract.batching.update_rows`); without
 ``--store-features`` it writes no features, so both the disk and the queue terms are 0.
 
 The planned peak is all statistics + the largest update's temporaries + the rows in
@@ -124,7 +126,7 @@ def make_plan(
                 dim=d,
                 feature_bytes=(num_samples or 0) * d * item,
                 stats_bytes=8 * (d * d + K * d + 2 * K),
-                update_bytes=8 * (d * d + 4 * B * d + 6 * K * d),
+                update_bytes=8 * (d * d + 4 * B * d + 6 * min(B, K) * d) + 16 * K * (K <= 4 * B),
                 queue_bytes=(WRITE_QUEUE + 2) * B * d * item,
             )
         )
