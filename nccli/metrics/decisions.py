@@ -185,20 +185,30 @@ class _Screen:
             out.append((k0, A, M))
         return out
 
-    def errors(self, hc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The bound ``E`` of each row's float32 logits and negated distances (docstring)."""
-        x_norm = np.sqrt(np.einsum("ij,ij->i", hc, hc))
+    def errors(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The bound ``E`` of each row's float32 logits and negated distances (docstring),
+        from the rows ``x = h − μ_G`` (float64, or float32 as screened: their norms are
+        raised by ``(n + 4)·u`` for the rounding of ``x`` and of the float32 sum)."""
+        x = x[:, : self.d]
+        x_norm = np.sqrt(np.einsum("ij,ij->i", x, x).astype(np.float64)) * (1 + (self.n + 4) * _U32)
         e_logit = self.c * (x_norm * self.w_max + self.b_max) + self.tau
         return e_logit, self.c * (x_norm * self.m_max + self.q_max) + self.tau
 
-    def run(self, hc: np.ndarray, y: np.ndarray, tiles: list) -> tuple[np.ndarray, ...]:
-        """Screen the centred float64 rows ``hc``: the float32 decisions, the rows they are
+    def rows(self, h: np.ndarray, mu_g: np.ndarray) -> np.ndarray | None:
+        """``[h − μ_G, 1, 0…]`` in float32, the difference taken in float64 and rounded
+        once; ``None`` when an entry is too large for the screen."""
+        x = np.zeros((h.shape[0], self.n), dtype=np.float32)
+        np.subtract(h, mu_g, out=x[:, : self.d], dtype=np.float64, casting="same_kind")
+        if x.size and max(float(x.max()), -float(x.min())) >= _SCREEN_MAX:
+            return None
+        x[:, self.d] = 1.0
+        return x
+
+    def run(self, x: np.ndarray, y: np.ndarray, tiles: list) -> tuple[np.ndarray, ...]:
+        """Screen the rows ``x`` (:meth:`rows`): the float32 decisions, the rows they are
         sure for, the float32 margins and their error bound."""
-        n, d = hc.shape
-        x = np.zeros((n, self.n), dtype=np.float32)
-        x[:, :d] = hc
-        x[:, d] = 1.0
-        e_logit, e_dist = self.errors(hc)
+        n = x.shape[0]
+        e_logit, e_dist = self.errors(x)
         rows = np.arange(n)
         pred, near = _Top2(n), _Top2(n)
         own = np.full(n, -np.inf, dtype=np.float32)
@@ -215,18 +225,27 @@ class _Screen:
         return pred.i1, near.i1, sure, margin, 2.0 * e_logit
 
 
+def _centred(h: np.ndarray, mu_g: np.ndarray) -> np.ndarray:
+    """``h − μ_G`` in float64 (a copy, centred in place)."""
+    hc = h.astype(np.float64)
+    hc -= mu_g
+    return hc
+
+
 def _screen_chunk(
-    hc: np.ndarray, y: np.ndarray, screen: _Screen, tiles: list, blocks: list, best: float
+    h: np.ndarray, x: np.ndarray, y: np.ndarray, pass_: tuple, best: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Decisions of one chunk of centred rows through the float32 screen, near-ties and the
-    candidates for the smallest margin rescored in float64; returns the decisions and the
-    smallest margin so far (``best``: the smallest float64 margin before this chunk)."""
-    pred, ncc, sure, margin, err = screen.run(hc, y, tiles)
+    """Decisions of rows ``h`` (screened as ``x``) through the float32 screen, near-ties and
+    the candidates for the smallest margin rescored in float64; returns the decisions and
+    the smallest margin so far (``best``: the smallest float64 margin before these rows).
+    ``pass_``: the screen, its tiles, the float64 blocks and ``μ_G``."""
+    screen, tiles, blocks, mu_g = pass_
+    pred, ncc, sure, margin, err = screen.run(x, y, tiles)
     upper = float(np.min(margin + err)) if margin.size else np.inf
     redo = ~sure | (margin - err <= min(best, upper))
     r = np.nonzero(redo)[0]
     if r.size:
-        p64, n64, gap = _nc4_rows(hc[r], blocks, np, y[r])
+        p64, n64, gap = _nc4_rows(_centred(h[r], mu_g), blocks, np, y[r])
         pred[r], ncc[r] = p64, n64
         best = min(best, float(gap.min()))
     return pred, ncc, best
@@ -339,18 +358,16 @@ def nc4_pass(
                 tally.margin = min(tally.margin, float(gap.min()))
                 tally.add(pred, ncc, y[s : s + rows].cpu().numpy())
             continue
-        hc = h.astype(np.float64)  # always a copy: centred in place
-        hc -= mu_g
-        fast = bool(tiles) and np.abs(hc).max(initial=0.0) < _SCREEN_MAX
-        step = rows32 if fast else rows
-        for s in range(0, hc.shape[0], step):
-            ys = y[s : s + step]
-            if fast:
+        step = rows32 if tiles else rows
+        for s in range(0, h.shape[0], step):
+            hs, ys = h[s : s + step], y[s : s + step]
+            x = scr.rows(hs, mu_g) if tiles else None
+            if x is not None:
                 pred, ncc, tally.margin = _screen_chunk(
-                    hc[s : s + step], ys, scr, tiles, blocks, tally.margin
+                    hs, x, ys, (scr, tiles, blocks, mu_g), tally.margin
                 )
             else:
-                pred, ncc, gap = _nc4_rows(hc[s : s + step], blocks, np, ys)
+                pred, ncc, gap = _nc4_rows(_centred(hs, mu_g), blocks, np, ys)
                 tally.margin = min(tally.margin, float(gap.min()))
             tally.add(pred, ncc, ys)
     return tally.result(W)
