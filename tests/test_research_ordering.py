@@ -197,3 +197,26 @@ def test_natural_sort_then_order_given(tmp_path, data):
     df, err = _compare(str(out / "last.h5"), str(out / "best.h5"))
     assert df[df["layer"] == "classifier"]["source"].tolist() == ["last.h5", "best.h5"]
     assert "note: ordered 2 checkpoints in the order given" in err
+
+
+def test_ckpt_number_that_the_file_stores_as_its_step(tmp_path, data):
+    """``ckpt_0300.pt`` holding ``{'model': sd, 'step': 300}`` (a step-based training loop):
+    the name's number is that step, not also an epoch (the table said "epoch 300")."""
+    import torch
+    from helpers import seeded_model
+
+    from nccli.io.names import fill_from_name
+
+    assert fill_from_name(None, 300, 300, None) == (None, 300)
+    assert fill_from_name(None, 300, 3, None) == (3, 300)  # ep3 saved at step 300
+    assert fill_from_name(None, None, 300, None) == (300, None)
+    assert fill_from_name(7, None, 300, None) == (7, None)
+    ckpts = []
+    for s in (200, 100, 300):
+        ckpts.append(tmp_path / f"ckpt_{s:04d}.pt")
+        torch.save({"model": seeded_model(ARCH, s).state_dict(), "step": s}, ckpts[-1])
+    _extract(ckpts, data, tmp_path / "out")
+    df, err = _compare(str(tmp_path / "out"))
+    rows = df[df["layer"] == "classifier"]
+    assert rows["epoch"].isna().all() and list(rows["step"]) == [100, 200, 300]
+    assert "note: ordered 3 checkpoints by the step recorded in them" in err

@@ -19,7 +19,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["MAX_NUMBER", "epoch_step_from_name", "epoch_step_from_path", "strip_epoch_step"]
+__all__ = [
+    "MAX_NUMBER",
+    "epoch_step_from_name",
+    "epoch_step_from_path",
+    "fill_from_name",
+    "strip_epoch_step",
+]
 
 EPOCH_WORDS = ("epoch", "ckpt", "ep", "e")
 STEP_WORDS = ("global_step", "step", "iteration", "iter", "it", "checkpoint")
@@ -61,6 +67,17 @@ def epoch_step_from_path(path: str | Path) -> tuple[int | None, int | None]:
     if epoch is None and step is None and p.parent.name:
         epoch, step = epoch_step_from_name(p.parent.name)
     return epoch, step
+
+
+def fill_from_name(
+    epoch: int | None, step: int | None, name_epoch: int | None, name_step: int | None
+) -> tuple[int | None, int | None]:
+    """The stored ``(epoch, step)`` completed from the name's: a stored number always wins,
+    and a name's epoch that is the very number stored as the step (``ckpt_0300.pt`` holding
+    ``step=300``: the name counts steps) is not also taken as an epoch."""
+    if epoch is None and name_step is None and step is not None and name_epoch == step:
+        name_epoch = None
+    return (name_epoch if epoch is None else epoch), (name_step if step is None else step)
 
 
 def _value(match: re.Match[str] | None) -> int | None:

@@ -41,7 +41,7 @@ from nccli.io.h5safe import (
     open_input,
 )
 from nccli.io.keep import kept_batches, stream_stats
-from nccli.io.names import epoch_step_from_name
+from nccli.io.names import epoch_step_from_name, fill_from_name
 from nccli.layers import Layer, compose_classifiers, head_chain
 from nccli.stats import ClassStats
 
@@ -196,9 +196,9 @@ class CacheSource(Source):
                 if k not in ("rank", "row_start", "row_stop", "total_samples")
             }
             self.attrs["num_samples"] = first.attrs.get("total_samples")
-        name_epoch, name_step = epoch_step_from_name(self.path)
-        self.epoch = self.attrs.get("epoch", name_epoch)
-        self.step = self.attrs.get("step", name_step)
+        self.epoch, self.step = fill_from_name(
+            self.attrs.get("epoch"), self.attrs.get("step"), *epoch_step_from_name(self.path)
+        )
         self.layers = {}
         for name, info in first.layers.items():
             wb = first.weight(name)

@@ -49,7 +49,7 @@ from nccli.io.checkpoints.base import CheckpointFormat, Contents, as_int
 from nccli.io.checkpoints.formats import FORMATS, detect_format
 from nccli.io.checkpoints.pickled import WRAPPER_KEYS, select_state
 from nccli.io.checkpoints.weights import STRIP_PREFIXES, build_target, load_into
-from nccli.io.names import epoch_step_from_path
+from nccli.io.names import epoch_step_from_path, fill_from_name
 
 __all__ = [
     "FORMATS",
@@ -194,11 +194,10 @@ def _epoch_step(p: Path, got: Contents) -> tuple[int | None, int | None]:
 def _from_names(p: Path, epoch: int | None, step: int | None) -> tuple[int | None, int | None]:
     """Fill what the file does not store from its name (the file's, else its folder's:
     ``ep5/ckpt.pth``); a number in the name beyond int64 is not used (a cache records it as
-    an int64)."""
+    an int64).  A name's epoch that is the very number the file stores as its step
+    (``ckpt_0300.pt`` holding ``step=300``) is that step, not also an epoch."""
     name_epoch, name_step = epoch_step_from_path(p)
-    epoch = as_int(name_epoch) if epoch is None else epoch
-    step = as_int(name_step) if step is None else step
-    return epoch, step
+    return fill_from_name(epoch, step, as_int(name_epoch), as_int(name_step))
 
 
 def _module_for(
