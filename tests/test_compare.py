@@ -353,6 +353,22 @@ def test_plot_png(two_runs, tmp_path):
     assert bad.exit_code == 2 and "unknown image type" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("values", "scale"),
+    [([0.97, 0.99, 1.0], "linear"), ([1.0, 0.3, 0.06], "log"), ([0.0, 1e-3, 0.9], "symlog"),
+     ([-0.2, 0.5], "symlog"), ([float("nan"), 2.0, 1e3], "log")],
+)  # fmt: skip
+def test_plot_y_axis_is_logarithmic_only_over_orders_of_magnitude(values, scale):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from nccli.report.plot import _set_yscale
+
+    ax = Figure().subplots()
+    _set_yscale(ax, values)
+    assert ax.get_yscale() == scale
+
+
 def test_plot_without_matplotlib_is_one_line(npz_run, tmp_path, monkeypatch):
     import builtins
 
