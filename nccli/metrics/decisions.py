@@ -148,6 +148,11 @@ class _Top2:
         return (self.v1.astype(np.float64) - self.v2) > 2.0 * bound
 
 
+def _abs_max(a: np.ndarray) -> float:
+    """``max |a|`` without an ``|a|`` copy (0 for an empty array)."""
+    return max(float(a.max(initial=0.0)), -float(a.min(initial=0.0)))
+
+
 class _Screen:
     """The float32 screen of the module docstring: ``[W | b]`` and ``[2μ | −||μ||²]`` stacked
     per class tile, float32, rows padded with zeros."""
@@ -158,7 +163,7 @@ class _Screen:
         present = np.isfinite(mu_sq)
         # empty classes are never the nearest mean: a score far below any real one
         q = np.where(present, mu_sq, 2.0**110)
-        big = max(np.abs(W).max(initial=0.0), np.abs(b).max(initial=0.0), 2 * np.abs(mu).max())
+        big = max(_abs_max(W), _abs_max(b), 2 * _abs_max(mu))  # no K×d temporary
         self.ok = bool(big < _SCREEN_MAX and q[present].max(initial=0.0) < _SCREEN_MAX**2)
         # Σ_i |x_i a_i| ≤ ||x||·||a_{1..d}|| + |a_{d+1}| (the last column's partner is 1)
         self.w_max = float(np.sqrt(np.einsum("ij,ij->i", W, W)).max(initial=0.0))
@@ -199,7 +204,7 @@ class _Screen:
         once; ``None`` when an entry is too large for the screen."""
         x = np.zeros((h.shape[0], self.n), dtype=np.float32)
         np.subtract(h, mu_g, out=x[:, : self.d], dtype=np.float64, casting="same_kind")
-        if x.size and max(float(x.max()), -float(x.min())) >= _SCREEN_MAX:
+        if _abs_max(x) >= _SCREEN_MAX:
             return None
         x[:, self.d] = 1.0
         return x
