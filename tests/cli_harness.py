@@ -38,6 +38,9 @@ for line in sys.stdin:
         code = 1
         try:
             proto.close()
+            # Ctrl-C as in a terminal, even when the suite was started as a background job
+            # of a non-interactive shell (which hands every child SIGINT ignored)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.chdir(req["cwd"])
             os.environ.clear()
             os.environ.update(req["env"])

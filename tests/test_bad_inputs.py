@@ -745,10 +745,7 @@ def test_there_are_enough_cases() -> None:
 
 
 def _start_slow_extract(cli: ForkCLI, ws: Workspace, d: Path) -> Running:
-    # every forward sleeps 0.6 s: the signal must land before the 9 batches are done, also
-    # when a loaded machine makes the polling below slow (at 0.3 s one clean-clone run
-    # finished the extraction first and exited 0)
-    model = slow_model.write(d, ARCH, 0.6)
+    model = slow_model.write(d, ARCH, 0.3)  # every forward sleeps 0.3 s
     run = cli.start(
         extract(ws.ckpt, ws.data, d / "out", "-b", "10", "--model", model, arch=""), cwd=d
     )
@@ -758,7 +755,7 @@ def _start_slow_extract(cli: ForkCLI, ws: Workspace, d: Path) -> Running:
         time.sleep(0.02)
     assert part.exists(), "the extraction never started writing"
     # wait for the first flushed batch (read past the writer's HDF5 lock; a read that
-    # lands mid-flush fails and is retried); 8 more batches x 0.6 s are still to go
+    # lands mid-flush fails and is retried); 8 more batches x 0.3 s are still to go
     while time.monotonic() < deadline:
         try:
             with h5py.File(part, "r", locking=False) as f:
