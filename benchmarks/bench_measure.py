@@ -42,27 +42,11 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_measure_bound import bound, make_features  # noqa: E402
 from notebook_reference import notebook_metrics  # noqa: E402
 
 from nccli import ClassStats, measure  # noqa: E402
 from nccli.io.cache import CacheWriter, LayerSpec  # noqa: E402
-
-
-def make_features(path: Path, N: int, d: int, K: int, seed: int = 0, chunk: int = 20000) -> None:
-    """Synthetic near-collapsed features written in chunks (memory stays small)."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(K, d)).astype(np.float32) * 3
-    W = means + 0.3 * rng.normal(size=(K, d)).astype(np.float32)
-    with h5py.File(path, "w") as f:
-        feats = f.create_dataset("features", (N, d), dtype="float32", chunks=(min(N, 4096), d))
-        labels = f.create_dataset("labels", (N,), dtype="int64")
-        for s in range(0, N, chunk):
-            n = min(chunk, N - s)
-            y = rng.integers(0, K, n)
-            feats[s : s + n] = means[y] + rng.normal(size=(n, d)).astype(np.float32)
-            labels[s : s + n] = y
-        f["weight"] = W
-        f["bias"] = np.zeros(K, dtype=np.float32)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -72,16 +56,6 @@ def best_of(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def bound(path: Path, chunk_rows: int = 8192) -> None:
-    with h5py.File(path, "r") as f:
-        X = f["features"]
-        d = X.shape[1]
-        G = np.zeros((d, d), dtype=np.float32)
-        for s in range(0, X.shape[0], chunk_rows):
-            h = X[s : s + chunk_rows]
-            G += h.T @ h
 
 
 def reference(path: Path, rows: int, K: int) -> float:
@@ -162,17 +136,6 @@ def make_cache(path: Path, N: int, d: int, K: int, seed: int = 0, chunk: int = 2
     w.finalize({"fc": st})
 
 
-def cache_bound(path: Path, chunk_rows: int = 8192) -> None:
-    """One chunked read of the cache's features + one d×d GEMM (float32)."""
-    with h5py.File(path, "r") as f:
-        X = f["layers/fc/features"]
-        d = X.shape[1]
-        G = np.zeros((d, d), dtype=np.float32)
-        for s in range(0, X.shape[0], chunk_rows):
-            h = X[s : s + chunk_rows].astype(np.float32)
-            G += h.T @ h
-
-
 def timed_measure(path: Path, metrics: str | None = None) -> tuple[float, float]:
     """Wall time (s) and peak RSS (MB) of ``nccli measure`` in a fresh subprocess, from
     ``getrusage(RUSAGE_CHILDREN)`` of a wrapper whose only child it is."""
@@ -206,7 +169,7 @@ def many_classes(sizes: list[tuple[int, int, int]], tmp: Path) -> list[dict]:
         make_cache(path, N, d, K)
         gen = time.perf_counter() - t
         size = path.stat().st_size / 2**20
-        t_bound = best_of(lambda p=path: cache_bound(p), 2)
+        t_bound = best_of(lambda p=path: bound(p, "layers/fc/features"), 2)
         t_all, rss_all = timed_measure(path)
         t_np, rss_np = timed_measure(path, NO_PASS)
         row = {"N": N, "d": d, "K": K, "cache_mb": size, "generate_s": gen, "all_s": t_all,

@@ -49,13 +49,14 @@ def make_features(path: Path, N: int, d: int, K: int, seed: int = 0, chunk: int 
         f["bias"] = np.zeros(K, dtype=np.float32)
 
 
-def bound(path: Path, chunk_rows: int = 8192) -> None:
-    """One chunked read of the features + one d×d GEMM in float32."""
+def bound(path: Path, dataset: str = "features", chunk_rows: int = 8192) -> None:
+    """One chunked read of the features (``dataset``: a features file's, or a cache layer's
+    ``layers/<name>/features``) + one d×d GEMM in float32."""
     with h5py.File(path, "r") as f:
-        X = f["features"]
+        X = f[dataset]
         G = np.zeros((X.shape[1], X.shape[1]), dtype=np.float32)
         for s in range(0, X.shape[0], chunk_rows):
-            h = X[s : s + chunk_rows]
+            h = np.asarray(X[s : s + chunk_rows], dtype=np.float32)  # float16 caches widened
             G += h.T @ h
 
 
