@@ -61,6 +61,12 @@ class LayerView:
     _stats: ClassStats | None = field(default=None, repr=False)
     _recomputed: ClassStats | None = field(default=None, repr=False)
 
+    @classmethod
+    def of(cls, source: Source, info: Layer, wb: tuple[Any, Any] | None) -> LayerView:
+        """The view of a stored layer record with its own module's ``(weight, bias)``."""
+        w, b = (None, None) if wb is None else wb
+        return cls(source, dataclasses.replace(info, weight=w, bias=b))
+
     @property
     def name(self) -> str:
         return self.layer.name
@@ -201,11 +207,7 @@ class CacheSource(Source):
         )
         self.layers = {}
         for name, info in first.layers.items():
-            wb = first.weight(name)
-            layer = dataclasses.replace(
-                info, weight=None if wb is None else wb[0], bias=None if wb is None else wb[1]
-            )
-            view = LayerView(self, layer)
+            view = LayerView.of(self, info, first.weight(name))
             if info.has_stats:
                 st = first.stats(name)
                 for c in self.caches[1:]:
@@ -247,11 +249,7 @@ class RunSource(Source):
         }
         self.layers = {}
         for name, info in obs.layers.items():
-            wb = obs.weight(name)
-            layer = dataclasses.replace(
-                info, weight=None if wb is None else wb[0], bias=None if wb is None else wb[1]
-            )
-            view = LayerView(self, layer)
+            view = LayerView.of(self, info, obs.weight(name))
             view._stats = obs.stats(name)
             self.layers[name] = view
         _compose_classifiers(list(self.layers.values()), run_attrs.get("classifier"))
