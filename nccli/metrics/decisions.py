@@ -163,13 +163,13 @@ class _Screen:
         present = np.isfinite(mu_sq)
         # empty classes are never the nearest mean: a score far below any real one
         q = np.where(present, mu_sq, 2.0**110)
-        big = max(_abs_max(W), _abs_max(b), 2 * _abs_max(mu))  # no K×d temporary
-        self.ok = bool(big < _SCREEN_MAX and q[present].max(initial=0.0) < _SCREEN_MAX**2)
         # Σ_i |x_i a_i| ≤ ||x||·||a_{1..d}|| + |a_{d+1}| (the last column's partner is 1)
         self.w_max = float(np.sqrt(np.einsum("ij,ij->i", W, W)).max(initial=0.0))
-        self.b_max = float(np.abs(b).max(initial=0.0))
+        self.b_max = _abs_max(b)
         self.m_max = 2.0 * float(np.sqrt(np.einsum("ij,ij->i", mu, mu))[present].max(initial=0.0))
         self.q_max = float(q[present].max(initial=0.0))
+        big = max(_abs_max(W), self.b_max, 2 * _abs_max(mu))  # no K×d temporary
+        self.ok = big < _SCREEN_MAX and self.q_max < _SCREEN_MAX**2
         self.c = 1.01 * (self.n + 3) * _U32
         self.tau = self.n * 2.0**-108
         self.W, self.mu, self.b, self.q, self.K = W, mu, b, q, K
